@@ -1,0 +1,1 @@
+"""Scripts and configs on top of `mot` and `moe`: training, data, ablations, benchmarks."""

@@ -1,0 +1,85 @@
+"""Token streams for training: an interleaved multimodal stream of (token, modality, doc) ids.
+
+`build_stream(data_cfg)` returns a `TokenStream`; each stream names its modalities and their
+vocabulary sizes, so a model config that does not fit the data is rejected before training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mot.config import ModelConfig, check
+from mot.model import Batch
+
+
+@dataclass
+class TokenStream:
+    """tokens, modality, doc: (N,) int64 tensors; vocab: modality name -> vocabulary size;
+    modalities: names in modality-id order; specials: named special tokens (text vocabulary)."""
+
+    tokens: torch.Tensor
+    modality: torch.Tensor
+    doc: torch.Tensor
+    modalities: list[str]
+    vocab: dict[str, int]
+    specials: dict[str, int]
+
+    def split(self, val_fraction: float) -> tuple[TokenStream, TokenStream]:
+        """Split on a document boundary: the last `val_fraction` of the stream is validation."""
+        cut = int(len(self.tokens) * (1 - val_fraction))
+        while 0 < cut < len(self.tokens) and self.doc[cut] == self.doc[cut - 1]:
+            cut += 1
+        parts = [slice(0, cut), slice(cut, None)]
+        return tuple(TokenStream(self.tokens[s], self.modality[s], self.doc[s], self.modalities,
+                                 self.vocab, self.specials) for s in parts)
+
+    def check_fits(self, model: ModelConfig, seq_len: int) -> None:
+        """ValueError unless every modality of the data exists in the model with room for its
+        vocabulary, in the same order, and the stream holds a window of `seq_len + 1` tokens."""
+        names = model.modality_names
+        check(names[:len(self.modalities)] == self.modalities,
+              f"model.modalities {names} must start with the data's modalities "
+              f"{self.modalities}, in that order")
+        for spec in model.modalities[:len(self.modalities)]:
+            need = self.vocab[spec.name]
+            check(spec.vocab_size >= need, f"model.modalities.{spec.name}.vocab_size "
+                                           f"({spec.vocab_size}) must be >= {need}, the data's")
+        check(len(self.tokens) > seq_len + 1,
+              f"train.seq_len ({seq_len}) must be < the stream length ({len(self.tokens)})")
+
+    def window(self, start: int, length: int) -> tuple[torch.Tensor, ...]:
+        s = slice(start, start + length)
+        return self.tokens[s], self.modality[s], self.doc[s]
+
+    def sample(self, batch_size: int, seq_len: int, generator: torch.Generator) -> Batch:
+        """Random packed windows of seq_len + 1 tokens."""
+        starts = torch.randint(0, len(self.tokens) - seq_len - 1, (batch_size,),
+                               generator=generator)
+        return self._batch(starts.tolist(), seq_len)
+
+    def fixed(self, batch_size: int, seq_len: int, index: int) -> Batch:
+        """Deterministic, evenly spread windows (validation)."""
+        span = len(self.tokens) - seq_len - 1
+        n = batch_size * (index + 1)
+        starts = [(span * (batch_size * index + b)) // max(n, 1) for b in range(batch_size)]
+        return self._batch(starts, seq_len)
+
+    def _batch(self, starts: list[int], seq_len: int) -> Batch:
+        rows = [self.window(s, seq_len + 1) for s in starts]
+        return Batch(*(torch.stack(parts) for parts in zip(*rows)))
+
+
+def build_stream(cfg) -> TokenStream:
+    check(cfg.name in DATASETS, f"data.name ({cfg.name!r}) must be one of {sorted(DATASETS)}")
+    return DATASETS[cfg.name](cfg)
+
+
+def _synthetic(cfg) -> TokenStream:
+    from experiments.data.synthetic import synthetic_stream
+
+    return synthetic_stream(cfg.num_tokens, cfg.seed)
+
+
+DATASETS = {"synthetic": _synthetic}

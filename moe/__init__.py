@@ -1,0 +1,1 @@
+"""Sparse and modality-routed blocks on one grouping primitive; usable without `mot`."""

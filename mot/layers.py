@@ -1,0 +1,66 @@
+"""Small building blocks of the backbone: norms, linears, SwiGLU and rotary embeddings.
+
+Every module here takes `(x, groups=None)`: the dense versions ignore `groups`, and the
+modality-routed versions of `mot.mot` (same call) use it. That one signature is what lets a
+block config swap parts of a layer without the layer knowing.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` without bias that accepts (and ignores) the routing argument."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__(d_in, d_out, bias=False)
+
+    def forward(self, x: torch.Tensor, groups=None) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class RMSNorm(nn.RMSNorm):
+    """`nn.RMSNorm` that accepts (and ignores) the routing argument."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__(dim, eps=eps)
+
+    def forward(self, x: torch.Tensor, groups=None) -> torch.Tensor:
+        return super().forward(x)
+
+
+class SwiGLU(nn.Module):
+    """The dense FFN: `w2(silu(w1 x) * w3 x)`. A drop-in MLP: `ffn(x, modality=None) -> y`."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, modality=None) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Rotary(nn.Module):
+    """Rotary position embeddings (rotate-half form) for explicit position ids."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype):
+        """positions (B, T) -> cos, sin of shape (B, T, 1, head_dim), to broadcast over heads."""
+        angles = positions[:, :, None, None].float() * self.inv_freq  # (B, T, 1, hd/2)
+        angles = torch.cat([angles, angles], dim=-1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, T, H, hd) rotated by the angles in cos/sin (B, T, 1, hd)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin

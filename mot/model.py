@@ -1,0 +1,146 @@
+"""The joint-attention backbone: one decoder-only transformer over an interleaved sequence.
+
+Tokens of every modality share one sequence and one global attention (early fusion). What each
+layer's parameters are (dense, untied by modality, sparse experts) is decided by the block config
+of that layer; the backbone only wires embeddings, layers, final norm and per-modality heads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from mot.attention import Attention, AttentionMask, build_mask, positions_from_documents
+from mot.config import ModelConfig
+from mot.layers import Rotary
+from mot.modality import LossOutput, ModalityEmbedding, ModalityHeads, modality_loss
+
+
+@dataclass
+class Batch:
+    """A batch of token sequences, each of length T + 1 (inputs are [:-1], targets [1:]).
+
+    tokens: (B, T+1) ids local to each token's modality; modality: (B, T+1) modality index;
+    doc: optional (B, T+1) document ids of packed sequences; loss_mask: optional (B, T+1) bool,
+    False on targets that must not be scored.
+    """
+
+    tokens: torch.Tensor
+    modality: torch.Tensor
+    doc: torch.Tensor | None = None
+    loss_mask: torch.Tensor | None = None
+
+    def to(self, device) -> Batch:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Batch(move(self.tokens), move(self.modality), move(self.doc), move(self.loss_mask))
+
+
+class TransformerLayer(nn.Module):
+    """Attention then FFN, each with a residual; pre-norm, or Chameleon's `x + norm(f(x))`."""
+
+    def __init__(self, cfg: ModelConfig, block):
+        super().__init__()
+        self.kind = block.kind
+        self.reorder = cfg.norm_reorder
+        self.attn_norm = block.build_norm(cfg, "norm", cfg.dim)
+        self.attn = Attention(cfg, block)
+        self.ffn_norm = block.build_norm(cfg, "norm", cfg.dim)
+        self.ffn = block.build_ffn(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, groups, rope, mask: AttentionMask) -> torch.Tensor:
+        if self.reorder:
+            h = x + self.drop(self.attn_norm(self.attn(x, groups, rope, mask), groups))
+            return h + self.drop(self.ffn_norm(self.ffn(h, groups), groups))
+        h = x + self.drop(self.attn(self.attn_norm(x, groups), groups, rope, mask))
+        return h + self.drop(self.ffn(self.ffn_norm(h, groups), groups))
+
+
+class MultimodalTransformer(nn.Module):
+    """Embeddings -> layers -> final norm -> per-modality heads."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = ModalityEmbedding(cfg)
+        self.layers = nn.ModuleList(TransformerLayer(cfg, cfg.layer_block(i))
+                                    for i in range(cfg.n_layers))
+        last = cfg.layer_block(cfg.n_layers - 1)
+        self.norm = last.build_norm(cfg, "norm", cfg.dim)
+        self.heads = ModalityHeads(cfg, self.embed if cfg.tie_embeddings else None)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
+        self.bidirectional_ids = [cfg.modality_index(n)
+                                  for n in cfg.attention.bidirectional_modalities]
+        self.needs_grouping = any(cfg.layer_block(i).needs_grouping for i in range(cfg.n_layers))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) for matrices, residual outputs scaled by 1/sqrt(2 n_layers)."""
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                scale = (2 * self.cfg.n_layers) ** -0.5 if name.endswith(("wo.weight",
+                                                                         "w2.weight")) else 1.0
+                nn.init.normal_(p, std=std * scale)
+            else:
+                nn.init.ones_(p)
+
+    def check_inputs(self, tokens: torch.Tensor, modality: torch.Tensor, doc) -> None:
+        """Clear errors for inputs that would otherwise fail deep inside (or silently)."""
+        if tokens.dim() != 2 or modality.shape != tokens.shape:
+            raise ValueError(f"tokens {tuple(tokens.shape)} and modality "
+                             f"{tuple(modality.shape)} must both be (batch, seq_len)")
+        if doc is not None and doc.shape != tokens.shape:
+            raise ValueError(f"doc {tuple(doc.shape)} must match tokens {tuple(tokens.shape)}")
+        if tokens.shape[1] > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_seq_len "
+                             f"({self.cfg.max_seq_len})")
+        if tokens.numel() == 0:
+            return
+        M = self.cfg.num_modalities
+        if int(modality.min()) < 0 or int(modality.max()) >= M:
+            raise ValueError(f"modality ids must be in [0, {M}) for modalities "
+                             f"{self.cfg.modality_names}, got range [{int(modality.min())}, "
+                             f"{int(modality.max())}]")
+        if bool(((tokens < 0) | (tokens >= self.embed.vocab_sizes[modality])).any()):
+            raise ValueError(f"token ids out of range for their modality's vocabulary "
+                             f"(sizes {dict(zip(self.cfg.modality_names, self.embed.vocab_sizes.tolist()))})")
+
+    def route(self, modality: torch.Tensor):
+        """What the layers receive as `groups`: the shared modality grouping when some block
+        needs it (computed once here for every layer), else the modality ids themselves."""
+        if not self.needs_grouping:
+            return modality
+        from moe.grouping import Grouping
+
+        return Grouping.from_ids(modality, self.cfg.num_modalities)
+
+    def forward(self, tokens: torch.Tensor, modality: torch.Tensor,
+                doc: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens, modality, doc: (B, T) -> final hidden states (B, T, D)."""
+        self.check_inputs(tokens, modality, doc)
+        B, T = tokens.shape
+        x = self.embed(tokens, modality)  # (B, T, D)
+        mask = build_mask(self.cfg.attention, modality, doc, self.bidirectional_ids)
+        use_docs = doc if self.cfg.attention.document_mask else None
+        rope = self.rotary(positions_from_documents(use_docs, B, T, tokens.device), x.dtype)
+        groups = self.route(modality)
+        for layer in self.layers:
+            x = layer(x, groups, rope, mask)
+        return self.norm(x, groups)
+
+    def loss(self, batch: Batch) -> LossOutput:
+        """Next-token loss of a batch of (B, T+1) sequences, reported per modality."""
+        tokens, modality, doc = batch.tokens, batch.modality, batch.doc
+        hidden = self(tokens[:, :-1], modality[:, :-1], None if doc is None else doc[:, :-1])
+        valid = torch.ones_like(tokens[:, 1:], dtype=torch.bool)
+        if doc is not None and self.cfg.attention.document_mask:
+            valid &= doc[:, 1:] == doc[:, :-1]  # a document's first token has no context
+        if batch.loss_mask is not None:
+            valid &= batch.loss_mask[:, 1:]
+        D = hidden.shape[-1]
+        return modality_loss(self.heads, self.cfg, hidden.reshape(-1, D),
+                             tokens[:, 1:].reshape(-1), modality[:, 1:].reshape(-1),
+                             valid.reshape(-1))

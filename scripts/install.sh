@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Set up a fresh machine for this repository: torch (the CPU wheel when none is installed),
+# then the package itself, built against that torch. `install.sh dev` adds the test tools.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-$(command -v python || command -v python3)}
+export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
+"$PY" -m pip install --quiet --upgrade pip "setuptools>=64" wheel
+if ! "$PY" -c "import torch" 2>/dev/null; then
+    "$PY" -m pip install --quiet torch==2.13.0
+fi
+extras=""
+if [ "${1:-}" = "dev" ]; then
+    extras="[dev]"
+fi
+"$PY" -m pip install --quiet --no-build-isolation -e ".${extras}"
