@@ -1,0 +1,38 @@
+import pytest
+import torch
+
+from mot.config import ModelConfig
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    """A model small enough for exhaustive checks: 2 layers, dim 32, 3 modalities."""
+    base = dict(modalities=[{"name": "text", "vocab_size": 40}, {"name": "image", "vocab_size": 24},
+                            {"name": "audio", "vocab_size": 16}],
+                dim=32, n_layers=2, n_heads=4, max_seq_len=64)
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def interleaved_modality(B: int, T: int, M: int = 3, generator=None) -> torch.Tensor:
+    """(B, T) modality ids in contiguous runs, as in real interleaved documents."""
+    rows = []
+    for _ in range(B):
+        row = []
+        while len(row) < T:
+            m = int(torch.randint(0, M, (1,), generator=generator))
+            row += [m] * int(torch.randint(1, 9, (1,), generator=generator))
+        rows.append(row[:T])
+    return torch.tensor(rows)
+
+
+def random_batch(cfg: ModelConfig, B: int, T: int, generator=None):
+    """Random tokens valid for each position's modality: (tokens, modality), both (B, T)."""
+    modality = interleaved_modality(B, T, cfg.num_modalities, generator)
+    sizes = torch.tensor([m.vocab_size for m in cfg.modalities])
+    tokens = (torch.rand(B, T, generator=generator) * sizes[modality]).long()
+    return tokens, modality

@@ -1,0 +1,57 @@
+"""The training entry point: a short run learns, writes its outputs, rejects misfit configs."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from experiments.config import load_config
+from experiments.data import build_stream
+from experiments.train import DEFAULT_CONFIG, lr_at, train
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_short_run_learns_and_writes_outputs(tmp_path):
+    cfg = load_config(DEFAULT_CONFIG, [f"train.out_dir={tmp_path}", "train.steps=60",
+                                       "train.eval_every=60", "model.dim=64", "model.n_layers=2",
+                                       "data.num_tokens=20000"])
+    summary = train(cfg, progress=False)
+    # uniform guessing over 64 codes costs log(64) = 4.16 nats; the stream is far more predictable
+    assert summary["val_loss"]["text"] < 3.0 and summary["val_loss"]["image"] < 3.0
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 60 and "embed.weight" in state["model"]
+    assert (tmp_path / "config.yaml").exists() and any((tmp_path / "tb").iterdir())
+
+
+def test_model_must_fit_the_data():
+    cfg = load_config(DEFAULT_CONFIG, ["model.modalities.image.vocab_size=10"])
+    stream = build_stream(cfg.data)
+    with pytest.raises(ValueError, match=r"model.modalities.image.vocab_size \(10\) must be >= 64"):
+        stream.check_fits(cfg.model, cfg.train.seq_len)
+
+
+def test_split_keeps_documents_whole():
+    cfg = load_config(DEFAULT_CONFIG, ["data.num_tokens=5000"])
+    train_part, val_part = build_stream(cfg.data).split(0.1)
+    assert train_part.doc[-1] != val_part.doc[0]
+    assert len(train_part.tokens) + len(val_part.tokens) == 5000
+
+
+def test_schedule_warms_up_then_decays():
+    tc = load_config(DEFAULT_CONFIG, ["train.steps=100", "train.warmup=10"]).train
+    lrs = [lr_at(s, tc) for s in range(100)]
+    assert lrs[9] == pytest.approx(tc.lr) and lrs[0] == pytest.approx(tc.lr / 10)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lrs[-1] == pytest.approx(tc.lr * tc.min_lr_ratio, rel=1e-2)
+
+
+def test_cli_reports_bad_override():
+    result = subprocess.run([sys.executable, "-m", "experiments.train", "model.n_heads=3"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "n_heads (3) must divide dim (128)" in result.stderr
