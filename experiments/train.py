@@ -74,6 +74,8 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
     torch.manual_seed(tc.seed)
     model = MultimodalTransformer(cfg.model).to(tc.device)
     optimizer = build_optimizer(model, tc)
+    if model.frozen is not None:
+        model.frozen.attach(optimizer)
     out_dir = Path(tc.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -3,6 +3,7 @@
 from mot.blocks import BLOCKS, BlockConfig, DenseConfig, register_block
 from mot.config import AttentionConfig, ModalitySpec, ModelConfig
 from mot.model import Batch, MultimodalTransformer
+from mot.mot import MoTConfig  # registers the "mot" block kind
 
 __all__ = ["AttentionConfig", "BLOCKS", "Batch", "BlockConfig", "DenseConfig", "ModalitySpec",
-           "ModelConfig", "MultimodalTransformer", "register_block"]
+           "MoTConfig", "ModelConfig", "MultimodalTransformer", "register_block"]

@@ -94,6 +94,7 @@ class ModelConfig:
         alternating layers). Each kind's options live in `blocks[kind]` (see `mot.blocks`).
     norm_reorder: Chameleon's ordering `h = x + norm(f(x))` instead of pre-norm `x + f(norm(x))`.
     z_loss: coefficient of the LM z-loss `mean(logsumexp(logits)^2)` (Chameleon uses 1e-5).
+    freeze: modalities whose own parameters stay fixed in training (see `mot.freeze`).
     """
 
     modalities: list[ModalitySpec] = field(default_factory=default_modalities)
@@ -114,6 +115,7 @@ class ModelConfig:
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     layers: str = "dense"
     blocks: dict[str, Any] = field(default_factory=dict)
+    freeze: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         from mot.blocks import block_config  # the registry lives beside the blocks
@@ -129,6 +131,8 @@ class ModelConfig:
         for name in self.attention.bidirectional_modalities:
             check(name in names, f"attention.bidirectional_modalities: unknown modality "
                                  f"{name!r}; valid: {names}")
+        for name in self.freeze:
+            check(name in names, f"freeze: unknown modality {name!r}; valid: {names}")
         for key in ("dim", "n_layers", "n_heads", "max_seq_len"):
             check_positive(key, getattr(self, key))
         check(self.dim % self.n_heads == 0,

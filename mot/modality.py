@@ -30,6 +30,10 @@ class ModalityEmbedding(nn.Module):
     def forward(self, tokens: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
         return F.embedding(tokens + self.offsets[modality], self.weight)
 
+    def modality_slices(self):
+        starts, sizes = self.offsets.tolist(), self.vocab_sizes.tolist()
+        return [(self.weight, m, slice(s, s + n)) for m, (s, n) in enumerate(zip(starts, sizes))]
+
 
 class ModalityHeads(nn.Module):
     """One linear head per modality, packed in one (sum V, D) weight (or tied to the embedding)."""
@@ -47,6 +51,12 @@ class ModalityHeads(nn.Module):
     def head_weight(self, m: int) -> torch.Tensor:
         weight = self.embedding[0].weight if self.tied else self.weight
         return weight[self.starts[m]:self.starts[m] + self.sizes[m]]  # (V_m, D)
+
+    def modality_slices(self):
+        if self.tied:
+            return []  # the embedding reports the shared rows
+        return [(self.weight, m, slice(s, s + n))
+                for m, (s, n) in enumerate(zip(self.starts, self.sizes))]
 
     def forward(self, hidden: torch.Tensor, m: int) -> torch.Tensor:
         """hidden (..., D) -> logits (..., V_m) of modality m."""

@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from mot.attention import Attention, AttentionMask, build_mask, positions_from_documents
 from mot.config import ModelConfig
+from mot.freeze import FrozenModalities
 from mot.layers import Rotary
 from mot.modality import LossOutput, ModalityEmbedding, ModalityHeads, modality_loss
 
@@ -75,17 +76,21 @@ class MultimodalTransformer(nn.Module):
                                   for n in cfg.attention.bidirectional_modalities]
         self.needs_grouping = any(cfg.layer_block(i).needs_grouping for i in range(cfg.n_layers))
         self.reset_parameters()
+        self.frozen = FrozenModalities(self, [cfg.modality_index(n) for n in cfg.freeze]) \
+            if cfg.freeze else None
 
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) for matrices, residual outputs scaled by 1/sqrt(2 n_layers)."""
-        std = self.cfg.init_std
-        for name, p in self.named_parameters():
-            if p.dim() >= 2:
-                scale = (2 * self.cfg.n_layers) ** -0.5 if name.endswith(("wo.weight",
-                                                                         "w2.weight")) else 1.0
-                nn.init.normal_(p, std=std * scale)
-            else:
-                nn.init.ones_(p)
+        """Norm weights 1; matrices Normal(0, init_std), the residual-branch outputs (wo, w2)
+        scaled by 1/sqrt(2 n_layers)."""
+        std, scaled = self.cfg.init_std, (2 * self.cfg.n_layers) ** -0.5
+        for module_name, module in self.named_modules():
+            for name, p in module.named_parameters(recurse=False):
+                if isinstance(module, nn.RMSNorm) or getattr(module, "is_norm", False):
+                    nn.init.ones_(p)
+                else:
+                    out = module_name.endswith(("wo", "ffn")) and name in ("weight", "w2") \
+                        or module_name.endswith("w2")
+                    nn.init.normal_(p, std=std * (scaled if out else 1.0))
 
     def check_inputs(self, tokens: torch.Tensor, modality: torch.Tensor, doc) -> None:
         """Clear errors for inputs that would otherwise fail deep inside (or silently)."""

@@ -1,0 +1,70 @@
+"""Layers with one weight per group, run over grouped rows: a grouped linear and grouped SwiGLU.
+
+Both take `(x, groups)` with x (..., D) and groups either the ids (...) or a precomputed
+`Grouping`; they sort rows by group once, run grouped GEMMs, and restore sequence order. A
+per-group loop (`grouped_linear_reference`) is the readable twin of the grouped GEMM.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moe.grouping import as_grouping, grouped_linear
+from moe.stats import RoutingStats
+
+
+class GroupedLinear(nn.Module):
+    """y = x @ weight[group(x)], weight (G, D_in, D_out), no bias."""
+
+    def __init__(self, num_groups: int, d_in: int, d_out: int):
+        super().__init__()
+        self.num_groups, self.d_in, self.d_out = num_groups, d_in, d_out
+        self.weight = nn.Parameter(torch.empty(num_groups, d_in, d_out))
+        nn.init.normal_(self.weight, std=d_in ** -0.5)
+
+    def forward(self, x: torch.Tensor, groups) -> torch.Tensor:
+        g = as_grouping(groups, self.num_groups, x.shape[:-1])
+        y = grouped_linear(g.permute(x.reshape(-1, self.d_in)), self.weight, g.offsets)
+        return g.unpermute(y).view(*x.shape[:-1], self.d_out)
+
+    def group_slices(self):
+        """(parameter, group, rows) triples: the rows of `parameter` that each group owns."""
+        return [(self.weight, g, slice(g, g + 1)) for g in range(self.num_groups)]
+
+    def extra_repr(self) -> str:
+        return f"groups={self.num_groups}, d_in={self.d_in}, d_out={self.d_out}"
+
+
+class GroupedSwiGLU(nn.Module):
+    """One SwiGLU FFN per group: `w2[g](silu(w1[g] x) * w3[g] x)`.
+
+    Weights are w1, w3 (G, D, H) and w2 (G, H, D). Records tokens per group in `self.stats`.
+    """
+
+    def __init__(self, num_groups: int, dim: int, hidden: int):
+        super().__init__()
+        self.num_groups, self.dim, self.hidden = num_groups, dim, hidden
+        self.w1 = nn.Parameter(torch.empty(num_groups, dim, hidden))
+        self.w3 = nn.Parameter(torch.empty(num_groups, dim, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_groups, hidden, dim))
+        for w in (self.w1, self.w3, self.w2):
+            nn.init.normal_(w, std=w.shape[1] ** -0.5)
+        self.stats = RoutingStats()
+
+    def forward(self, x: torch.Tensor, groups) -> torch.Tensor:
+        g = as_grouping(groups, self.num_groups, x.shape[:-1])
+        self.stats.add(tokens=g.counts)
+        x_sorted = g.permute(x.reshape(-1, self.dim))  # (N, D)
+        h = F.silu(grouped_linear(x_sorted, self.w1, g.offsets)) \
+            * grouped_linear(x_sorted, self.w3, g.offsets)  # (N, H)
+        y = grouped_linear(h, self.w2, g.offsets)  # (N, D)
+        return g.unpermute(y).view_as(x)
+
+    def group_slices(self):
+        return [(w, g, slice(g, g + 1)) for w in (self.w1, self.w3, self.w2)
+                for g in range(self.num_groups)]
+
+    def extra_repr(self) -> str:
+        return f"groups={self.num_groups}, dim={self.dim}, hidden={self.hidden}"
