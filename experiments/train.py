@@ -22,6 +22,7 @@ import yaml
 from experiments.checkpoint import atomic_torch_save, atomic_write_text
 from experiments.config import RunConfig, TrainConfig, config_to_dict, load_config
 from experiments.data import TokenStream, build_stream
+from moe.stats import collect
 from mot.accounting import account
 from mot.model import MultimodalTransformer
 
@@ -58,6 +59,22 @@ def evaluate(model: MultimodalTransformer, stream: TokenStream, cfg: TrainConfig
             counts[name] = counts.get(name, 0) + out.tokens[name]
     model.train()
     return {name: sums[name] / counts[name] for name in sums}
+
+
+def log_routing(writer, model: MultimodalTransformer, step: int) -> dict:
+    """Write each routed block's counters since the last call (as shares of its tokens) to
+    TensorBoard, e.g. `routing/layers.0.ffn/tokens/image`, then reset them."""
+    names = dict(model.named_modules())
+    stats = collect(model)
+    for layer, counters in stats.items():
+        labels = model.cfg.modality_names if getattr(names[layer], "modality_indexed", False) \
+            else None
+        for counter, values in counters.items():
+            shares = values / values.sum().clamp(min=1)
+            for i, share in enumerate(shares.tolist()):
+                label = labels[i] if labels and len(labels) == len(shares) else str(i)
+                writer.add_scalar(f"routing/{layer}/{counter}/{label}", share, step)
+    return stats
 
 
 def train(cfg: RunConfig, progress: bool = True) -> dict:
@@ -108,6 +125,7 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
                 if key != "step":
                     writer.add_scalar(f"train/{key}", value, step + 1)
             writer.add_scalar("train/tokens_per_s", tokens_per_s, step + 1)
+            log_routing(writer, model, step + 1)
             bar.set_postfix_str(" ".join([f"loss {record['loss']:.3f}"] + [
                 f"{k[5:]} {v:.3f}" for k, v in record.items() if k.startswith("loss/")]
                 + [f"{tokens_per_s:,.0f} tok/s"]))

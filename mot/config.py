@@ -161,7 +161,7 @@ class ModelConfig:
         for kind in pattern:
             if kind not in self.blocks:
                 self.blocks[kind] = block_config(kind, {})
-        for kind, cfg in self.blocks.items():
+        for cfg in self.blocks.values():
             cfg.validate_for(self)
 
     @property

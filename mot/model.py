@@ -110,8 +110,9 @@ class MultimodalTransformer(nn.Module):
                              f"{self.cfg.modality_names}, got range [{int(modality.min())}, "
                              f"{int(modality.max())}]")
         if bool(((tokens < 0) | (tokens >= self.embed.vocab_sizes[modality])).any()):
+            sizes = dict(zip(self.cfg.modality_names, self.embed.vocab_sizes.tolist()))
             raise ValueError(f"token ids out of range for their modality's vocabulary "
-                             f"(sizes {dict(zip(self.cfg.modality_names, self.embed.vocab_sizes.tolist()))})")
+                             f"(sizes {sizes})")
 
     def route(self, modality: torch.Tensor):
         """What the layers receive as `groups`: the shared modality grouping when some block

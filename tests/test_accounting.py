@@ -1,7 +1,6 @@
 """Analytic parameter and FLOP counts against the built model and torch's FLOP counter."""
 
 import pytest
-import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mot.accounting import account

@@ -1,4 +1,5 @@
-"""Masks and attention backends: reference equals SDPA, causality, bidirectional spans, documents."""
+"""Masks and attention backends: reference equals SDPA, causality, bidirectional spans,
+documents."""
 
 import pytest
 import torch
@@ -88,7 +89,8 @@ def test_model_bidirectional_image_span():
     changed = tokens.clone()
     changed[0, 6] = (changed[0, 6] + 1) % 16  # last token of the first image span
     out = model(changed, modality)
-    assert (out[0, 3:6] - base[0, 3:6]).abs().amax(dim=-1).min() > 1e-4  # earlier image tokens see it
+    # earlier tokens of the same image span see it
+    assert (out[0, 3:6] - base[0, 3:6]).abs().amax(dim=-1).min() > 1e-4
     torch.testing.assert_close(out[0, :3], base[0, :3], atol=1e-6, rtol=0)  # text before: no
 
 

@@ -28,6 +28,20 @@ def test_short_run_learns_and_writes_outputs(tmp_path):
     assert (tmp_path / "config.yaml").exists() and any((tmp_path / "tb").iterdir())
 
 
+def test_mot_run_logs_routing_per_modality(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = load_config(ROOT / "experiments/configs/mot.yaml",
+                      [f"train.out_dir={tmp_path}", "train.steps=4", "train.log_every=2",
+                       "train.eval_every=4", "model.dim=32", "data.num_tokens=5000",
+                       "train.batch_size=2", "model.freeze=[text]"])
+    train(cfg, progress=False)
+    events = EventAccumulator(str(tmp_path / "tb")).Reload()
+    shares = [events.Scalars(f"routing/layers.0.ffn/tokens/{m}")[-1].value
+              for m in ("text", "image")]
+    assert sum(shares) == pytest.approx(1.0) and min(shares) > 0.2
+
+
 def test_model_must_fit_the_data():
     cfg = load_config(DEFAULT_CONFIG, ["model.modalities.image.vocab_size=10"])
     stream = build_stream(cfg.data)

@@ -1,0 +1,18 @@
+"""python -m experiments.bench NAME [options]"""
+
+import importlib
+import sys
+
+BENCHES = {"mot": "experiments.bench.mot"}
+
+
+def main() -> int:
+    if len(sys.argv) < 2 or sys.argv[1] not in BENCHES:
+        print(f"usage: python -m experiments.bench NAME [options]; NAME one of {sorted(BENCHES)}",
+              file=sys.stderr)
+        return 2
+    return importlib.import_module(BENCHES[sys.argv[1]]).main(sys.argv[2:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Forward + backward of one transformer block: dense vs MoT (ours) vs the mask-loop MoT.
+
+    python -m experiments.bench mot [--batch 4 --seq 1024 --dim 512 --heads 8 --hidden 2048]
+
+Tokens of 3 modalities are interleaved in runs (as in real documents). All variants share the
+causal mask, rotary tables, dtype and thread count. MoT's time includes building its grouping
+(which a full model amortises over all layers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from experiments.bench import time_alternating
+from experiments.bench.maskloop import MaskLoopMoTLayer
+from moe.grouping import Grouping
+from mot.attention import build_mask
+from mot.config import ModelConfig
+from mot.layers import Rotary
+from mot.model import TransformerLayer
+
+
+def interleaved_runs(B: int, T: int, M: int, generator: torch.Generator) -> torch.Tensor:
+    """(B, T) modality ids in runs of 16..256 tokens, like interleaved documents."""
+    rows = []
+    for _ in range(B):
+        row: list[int] = []
+        while len(row) < T:
+            m = int(torch.randint(0, M, (1,), generator=generator))
+            row += [m] * int(torch.randint(16, 257, (1,), generator=generator))
+        rows.append(row[:T])
+    return torch.tensor(rows)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.bench mot")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    args = parser.parse_args(argv)
+    B, T, M = args.batch, args.seq, 3
+    modalities = [{"name": n, "vocab_size": 16} for n in ("text", "image", "audio")]
+    common = dict(modalities=modalities, dim=args.dim, n_heads=args.heads, n_layers=1,
+                  ffn_hidden=args.hidden, max_seq_len=T)
+    dense_cfg = ModelConfig(**common, layers="dense")
+    mot_cfg = ModelConfig(**common, layers="mot", blocks={"mot": {"untie": "all"}})
+    generator = torch.Generator().manual_seed(0)
+    modality = interleaved_runs(B, T, M, generator)
+    mask = build_mask(dense_cfg.attention, modality, None, [])
+    positions = torch.arange(T).expand(B, T)
+    results, ratios = {}, {}
+    print(f"one block, fwd+bwd, B={B} T={T} D={args.dim} heads={args.heads} "
+          f"FFN={args.hidden}, {M} modalities, {torch.get_num_threads()} threads")
+    print(f"{'dtype':<10}{'dense ms':>10}{'MoT ms':>10}{'mask-loop ms':>14}"
+          f"{'MoT/dense':>11}{'MoT/loop':>10}")
+    for dtype_name in args.dtypes.split(","):
+        dtype = getattr(torch, dtype_name)
+        torch.manual_seed(0)
+        dense = TransformerLayer(dense_cfg, dense_cfg.layer_block(0)).to(dtype)
+        mot = TransformerLayer(mot_cfg, mot_cfg.layer_block(0)).to(dtype)
+        loop = MaskLoopMoTLayer(M, args.dim, args.heads, args.hidden).to(dtype)
+        loop.copy_from(mot)
+        rope = Rotary(dense_cfg.head_dim, dense_cfg.rope_theta)(positions, dtype)
+        x = torch.randn(B, T, args.dim, dtype=dtype, requires_grad=True)
+
+        def step(fn):
+            def run():
+                x.grad = None
+                fn().float().square().mean().backward()
+            return run
+
+        fns = {
+            "dense": step(lambda: dense(x, modality, rope, mask)),
+            "mot": step(lambda: mot(x, Grouping.from_ids(modality, M), rope, mask)),
+            "maskloop": step(lambda: loop(x, modality, rope, mask)),
+        }
+        t = time_alternating(fns, repeats=args.repeats)
+        results[dtype_name] = t
+        ratios[dtype_name] = {"mot_vs_dense": round(t["mot"] / t["dense"], 3),
+                              "mot_vs_maskloop": round(t["mot"] / t["maskloop"], 3)}
+        print(f"{dtype_name:<10}{t['dense'] * 1e3:>10.1f}{t['mot'] * 1e3:>10.1f}"
+              f"{t['maskloop'] * 1e3:>14.1f}{ratios[dtype_name]['mot_vs_dense']:>11.3f}"
+              f"{ratios[dtype_name]['mot_vs_maskloop']:>10.3f}")
+    print(json.dumps(ratios))
+    return 0
