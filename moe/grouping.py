@@ -9,11 +9,16 @@ back in sequence order. MoT computes one grouping per forward and every layer re
     x_sorted = g.permute(x.reshape(-1, D))             # (N, D), rows grouped by id
     y_sorted = grouped_linear(x_sorted, w_GIO, g.offsets)  # w_GIO (G, D_in, D_out)
     y = g.unpermute(y_sorted)                          # (N, D_out), sequence order
+
+Layout. A grouping says in which order the activations handed along with it are: `grouped=False`
+means sequence order, shaped (*shape, D); `grouped=True` means rows already sorted by id, shaped
+(N, D). Token-wise layers work in either; grouped layers skip both gathers when the rows are
+already grouped, which is how the MoT backbone keeps its residual stream (see `mot.model`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -21,34 +26,68 @@ import torch.nn.functional as F
 
 @dataclass
 class Grouping:
-    """ids (N,), order (N,): sorted row -> original row; position (N,): original row -> sorted
-    row; counts (G,) int64; offsets (G,) int32, the end of each group in sorted order."""
+    """ids (N,) in sequence order; sorted_ids (N,) = ids[order]; order (N,): sorted row ->
+    original row; position (N,): original row -> sorted row; counts (G,) int64; offsets (G,)
+    int32, the end of each group in sorted order; shape: the leading shape of the ids, e.g.
+    (B, T); grouped: whether the activations travelling with it are in sorted order."""
 
     ids: torch.Tensor
+    sorted_ids: torch.Tensor
     order: torch.Tensor
     position: torch.Tensor
     counts: torch.Tensor
     offsets: torch.Tensor
-    shape: tuple[int, ...]  # the leading shape of the ids, e.g. (B, T)
+    shape: tuple[int, ...]
+    grouped: bool = False
 
     @staticmethod
-    def from_ids(ids: torch.Tensor, num_groups: int) -> Grouping:
-        if ids.dtype not in (torch.int32, torch.int64, torch.int16, torch.uint8):
-            raise ValueError(f"group ids must be an integer tensor, got {ids.dtype}")
-        flat = ids.reshape(-1)
-        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= num_groups):
-            raise ValueError(f"group ids must be in [0, {num_groups}), got range "
-                             f"[{int(flat.min())}, {int(flat.max())}]")
+    def from_ids(ids: torch.Tensor, num_groups: int, grouped: bool = False) -> Grouping:
+        flat = check_ids(ids, num_groups).reshape(-1)
         order = torch.argsort(flat, stable=True)
         position = torch.empty_like(order)
         position[order] = torch.arange(flat.numel(), device=flat.device)
         counts = torch.bincount(flat, minlength=num_groups)
-        return Grouping(flat, order, position, counts, counts.cumsum(0).to(torch.int32),
-                        tuple(ids.shape))
+        return Grouping(flat, flat[order], order, position, counts,
+                        counts.cumsum(0).to(torch.int32), tuple(ids.shape), grouped)
 
     @property
     def num_groups(self) -> int:
         return self.counts.numel()
+
+    @property
+    def rows_shape(self) -> tuple[int, ...]:
+        """The leading shape of the activations in this layout: (N,) or `shape`."""
+        return (self.ids.numel(),) if self.grouped else self.shape
+
+    def row_ids(self) -> torch.Tensor:
+        """The group id of each activation row, in this layout, shaped `rows_shape`."""
+        return self.sorted_ids if self.grouped else self.ids.view(self.shape)
+
+    def in_sequence_order(self) -> Grouping:
+        return replace(self, grouped=False) if self.grouped else self
+
+    def to_sequence(self, y: torch.Tensor) -> torch.Tensor:
+        """Activations of this layout -> sequence order (*shape, ...)."""
+        if not self.grouped:
+            return y
+        return self.unpermute(y).view(*self.shape, *y.shape[1:])
+
+    def from_sequence(self, x: torch.Tensor) -> torch.Tensor:
+        """Activations in sequence order (*shape, ...) -> this layout."""
+        if not self.grouped:
+            return x
+        return self.permute(x.reshape(self.ids.numel(), *x.shape[len(self.shape):]))
+
+    def run_grouped(self, x: torch.Tensor, fn) -> torch.Tensor:
+        """Apply `fn` to the rows of x (..., D) sorted by group, return them in x's layout.
+        fn: (N, D) grouped rows -> (N, D_out)."""
+        rows = x.reshape(-1, x.shape[-1])
+        if not self.grouped:
+            rows = self.permute(rows)
+        y = fn(rows)
+        if not self.grouped:
+            y = self.unpermute(y)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     def permute(self, x: torch.Tensor) -> torch.Tensor:
         """(N, D) rows in sequence order -> rows grouped by id."""
@@ -59,22 +98,41 @@ class Grouping:
         return _Permute.apply(y, self.position, self.order)
 
 
-def as_grouping(groups, num_groups: int, leading_shape: tuple[int, ...]) -> Grouping:
-    """Accept either precomputed `Grouping` or raw ids (the block contract allows both)."""
+def check_ids(ids: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """ValueError unless `ids` is an integer tensor with values in [0, num_groups)."""
+    if ids.dtype not in (torch.int32, torch.int64, torch.int16, torch.uint8):
+        raise ValueError(f"group ids must be an integer tensor, got {ids.dtype}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_groups):
+        raise ValueError(f"group ids must be in [0, {num_groups}), got range "
+                         f"[{int(ids.min())}, {int(ids.max())}]")
+    return ids
+
+
+def _check_routing(groups, num_groups: int, x: torch.Tensor) -> tuple[int, ...]:
     if groups is None:
-        raise ValueError("this block routes by group id: pass modality ids, shape "
-                         f"{leading_shape}")
-    if not isinstance(groups, Grouping):
-        if tuple(groups.shape) != tuple(leading_shape):
-            raise ValueError(f"modality ids of shape {tuple(groups.shape)} must match the "
-                             f"input's leading shape {tuple(leading_shape)}")
-        groups = Grouping.from_ids(groups, num_groups)
-    elif groups.shape != tuple(leading_shape):
-        raise ValueError(f"grouping of shape {groups.shape} does not match the input's "
-                         f"leading shape {tuple(leading_shape)}")
-    if groups.num_groups != num_groups:
+        raise ValueError("this block routes by group id: pass modality ids shaped like the "
+                         f"input's leading dims (input {tuple(x.shape)})")
+    lead = groups.rows_shape if isinstance(groups, Grouping) else tuple(groups.shape)
+    if tuple(x.shape[:len(lead)]) != tuple(lead) or x.dim() <= len(lead):
+        what = "grouping rows" if isinstance(groups, Grouping) else "modality ids"
+        raise ValueError(f"{what} of shape {tuple(lead)} must match the leading dims of the "
+                         f"input {tuple(x.shape)}")
+    if isinstance(groups, Grouping) and groups.num_groups != num_groups:
         raise ValueError(f"grouping has {groups.num_groups} groups, the block {num_groups}")
-    return groups
+    return lead
+
+
+def as_grouping(groups, num_groups: int, x: torch.Tensor) -> Grouping:
+    """The grouping of input x: a precomputed `Grouping`, or one built from raw ids (the block
+    contract allows both)."""
+    _check_routing(groups, num_groups, x)
+    return groups if isinstance(groups, Grouping) else Grouping.from_ids(groups, num_groups)
+
+
+def row_ids(groups, num_groups: int, x: torch.Tensor) -> torch.Tensor:
+    """The group id of each leading position of x, without sorting anything."""
+    _check_routing(groups, num_groups, x)
+    return groups.row_ids() if isinstance(groups, Grouping) else check_ids(groups, num_groups)
 
 
 class _Permute(torch.autograd.Function):

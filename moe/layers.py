@@ -25,9 +25,8 @@ class GroupedLinear(nn.Module):
         nn.init.normal_(self.weight, std=d_in ** -0.5)
 
     def forward(self, x: torch.Tensor, groups) -> torch.Tensor:
-        g = as_grouping(groups, self.num_groups, x.shape[:-1])
-        y = grouped_linear(g.permute(x.reshape(-1, self.d_in)), self.weight, g.offsets)
-        return g.unpermute(y).view(*x.shape[:-1], self.d_out)
+        g = as_grouping(groups, self.num_groups, x)
+        return g.run_grouped(x, lambda rows: grouped_linear(rows, self.weight, g.offsets))
 
     def group_slices(self):
         """(parameter, group, rows) triples: the rows of `parameter` that each group owns."""
@@ -54,13 +53,14 @@ class GroupedSwiGLU(nn.Module):
         self.stats = RoutingStats()
 
     def forward(self, x: torch.Tensor, groups) -> torch.Tensor:
-        g = as_grouping(groups, self.num_groups, x.shape[:-1])
+        g = as_grouping(groups, self.num_groups, x)
         self.stats.add(tokens=g.counts)
-        x_sorted = g.permute(x.reshape(-1, self.dim))  # (N, D)
-        h = F.silu(grouped_linear(x_sorted, self.w1, g.offsets)) \
-            * grouped_linear(x_sorted, self.w3, g.offsets)  # (N, H)
-        y = grouped_linear(h, self.w2, g.offsets)  # (N, D)
-        return g.unpermute(y).view_as(x)
+        return g.run_grouped(x, lambda rows: self.ffn(rows, g.offsets))
+
+    def ffn(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """x (N, D) rows grouped by id, offsets (G,) group ends -> (N, D)."""
+        h = F.silu(grouped_linear(x, self.w1, offsets)) * grouped_linear(x, self.w3, offsets)
+        return grouped_linear(h, self.w2, offsets)  # (N, D)
 
     def group_slices(self):
         return [(w, g, slice(g, g + 1)) for w in (self.w1, self.w3, self.w2)

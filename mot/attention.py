@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moe.grouping import Grouping
 from mot.config import AttentionConfig, ModelConfig
 from mot.layers import apply_rotary
 
@@ -154,13 +155,24 @@ class Attention(nn.Module):
         self.k_norm = block.build_norm(cfg, "qk_norm", cfg.head_dim) if cfg.qk_norm else None
 
     def forward(self, x, groups, rope, mask: AttentionMask) -> torch.Tensor:
-        B, T, _ = x.shape
+        """x in the layout of `groups`: (B, T, D), or (N, D) rows grouped by modality. Attention
+        itself always runs in sequence order; only its projections see the grouped rows."""
         H, KV, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.wqkv(x, groups).split([H * hd, KV * hd, KV * hd], dim=-1)
+        qkv = self.wqkv(x, groups)
+        grouped = isinstance(groups, Grouping) and groups.grouped
+        if grouped:
+            qkv = groups.to_sequence(qkv)  # (B, T, (H + 2 KV) hd)
+            groups = groups.in_sequence_order()
+        B, T, _ = qkv.shape
+        q, k, v = qkv.split([H * hd, KV * hd, KV * hd], dim=-1)
         q, k, v = q.view(B, T, H, hd), k.view(B, T, KV, hd), v.view(B, T, KV, hd)
         if self.q_norm is not None:
             q, k = self.q_norm(q, groups), self.k_norm(k, groups)
         cos, sin = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = self.attend(q, k, v, mask, self.dropout if self.training else 0.0)  # (B,T,H,hd)
-        return self.wo(out.reshape(B, T, H * hd), groups)
+        out = out.reshape(B, T, H * hd)
+        if grouped:
+            groups = replace(groups, grouped=True)
+            out = groups.from_sequence(out)  # (N, H hd)
+        return self.wo(out, groups)

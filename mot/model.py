@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from moe.grouping import Grouping
 from mot.attention import Attention, AttentionMask, build_mask, positions_from_documents
 from mot.config import ModelConfig
 from mot.freeze import FrozenModalities
@@ -115,13 +116,13 @@ class MultimodalTransformer(nn.Module):
                              f"(sizes {sizes})")
 
     def route(self, modality: torch.Tensor):
-        """What the layers receive as `groups`: the shared modality grouping when some block
-        needs it (computed once here for every layer), else the modality ids themselves."""
+        """What the layers receive as `groups`: the modality ids themselves, or, when some
+        block routes by modality, one grouping computed here for every layer. Then the residual
+        stream itself is kept grouped by modality (rows (N, D)): grouped layers need no gathers,
+        and each attention gathers only its input and output back and forth."""
         if not self.needs_grouping:
             return modality
-        from moe.grouping import Grouping
-
-        return Grouping.from_ids(modality, self.cfg.num_modalities)
+        return Grouping.from_ids(modality, self.cfg.num_modalities, grouped=True)
 
     def forward(self, tokens: torch.Tensor, modality: torch.Tensor,
                 doc: torch.Tensor | None = None) -> torch.Tensor:
@@ -133,9 +134,12 @@ class MultimodalTransformer(nn.Module):
         use_docs = doc if self.cfg.attention.document_mask else None
         rope = self.rotary(positions_from_documents(use_docs, B, T, tokens.device), x.dtype)
         groups = self.route(modality)
+        if isinstance(groups, Grouping):
+            x = groups.from_sequence(x)  # (N, D) grouped rows
         for layer in self.layers:
             x = layer(x, groups, rope, mask)
-        return self.norm(x, groups)
+        x = self.norm(x, groups)
+        return groups.to_sequence(x) if isinstance(groups, Grouping) else x
 
     def loss(self, batch: Batch) -> LossOutput:
         """Next-token loss of a batch of (B, T+1) sequences, reported per modality."""

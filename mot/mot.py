@@ -18,20 +18,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moe.grouping import Grouping, as_grouping
+from moe.grouping import row_ids
 from moe.layers import GroupedLinear, GroupedSwiGLU
 from mot.blocks import BlockConfig, register_block
 from mot.config import check, check_positive
 from mot.layers import Linear, RMSNorm
 
 UNTIE_LEVELS = ("ffn", "ffn+attn", "all")
-
-
-def groups_ndim(groups) -> int:
-    """How many leading dims of the input the routing covers (2 for (B, T) ids)."""
-    if groups is None:
-        return 0
-    return len(groups.shape) if isinstance(groups, Grouping) else groups.dim()
 
 
 class GroupedRMSNorm(nn.Module):
@@ -45,10 +38,9 @@ class GroupedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(num_groups, dim))
 
     def forward(self, x: torch.Tensor, groups) -> torch.Tensor:
-        g = as_grouping(groups, self.num_groups, x.shape[:groups_ndim(groups)])
-        # x is (*g.shape, [heads,] dim): broadcast the per-token weight over any middle dims
-        weight = self.weight[g.ids].view(*g.shape, *[1] * (x.dim() - len(g.shape) - 1),
-                                          self.dim)
+        ids = row_ids(groups, self.num_groups, x)
+        # x is (*ids.shape, [heads,] dim): broadcast the per-token weight over any middle dims
+        weight = self.weight[ids].view(*ids.shape, *[1] * (x.dim() - ids.dim() - 1), self.dim)
         return F.rms_norm(x, (self.dim,), eps=self.eps) * weight
 
     def group_slices(self):

@@ -4,6 +4,7 @@ import torch
 
 from experiments.bench.maskloop import MaskLoopMoTLayer
 from experiments.bench.mot import interleaved_runs
+from moe.grouping import Grouping
 from mot.attention import build_mask
 from mot.config import ModelConfig
 from mot.layers import Rotary
@@ -25,5 +26,9 @@ def test_mask_loop_baseline_equals_mot_layer():
     mask = build_mask(cfg.attention, modality, None, [])
     rope = Rotary(cfg.head_dim, cfg.rope_theta)(torch.arange(T).expand(B, T), torch.float32)
     x = torch.randn(B, T, D)
-    torch.testing.assert_close(loop(x, modality, rope, mask), layer(x, modality, rope, mask),
-                               atol=1e-4, rtol=1e-4)
+    expected = loop(x, modality, rope, mask)
+    torch.testing.assert_close(layer(x, modality, rope, mask), expected, atol=1e-4, rtol=1e-4)
+    # the same layer on the residual stream grouped by modality, as the backbone runs it
+    g = Grouping.from_ids(modality, M, grouped=True)
+    out = layer(g.from_sequence(x), g, rope, mask)
+    torch.testing.assert_close(g.to_sequence(out), expected, atol=1e-4, rtol=1e-4)

@@ -19,6 +19,19 @@ def test_grouping_hand_worked():
     assert torch.equal(g.unpermute(g.permute(x)), x)
 
 
+@pytest.mark.parametrize("layer", [GroupedLinear(3, 8, 12), GroupedSwiGLU(3, 8, 16)])
+def test_grouped_layout_equals_sequence_layout(layer):
+    ids = torch.randint(0, 3, (2, 9))
+    x = torch.randn(2, 9, 8)
+    g = Grouping.from_ids(ids, 3, grouped=True)
+    assert g.from_sequence(x).shape == (18, 8)
+    assert torch.equal(g.sorted_ids, ids.flatten()[g.order])
+    out = g.to_sequence(layer(g.from_sequence(x), g))  # rows stay grouped, no gathers inside
+    torch.testing.assert_close(out, layer(x, ids), atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"grouping rows of shape \(18,\) must match"):
+        layer(x, g)
+
+
 def test_permute_gradient_is_the_inverse_gather():
     ids = torch.randint(0, 3, (50,))
     g = Grouping.from_ids(ids, 3)
