@@ -28,7 +28,8 @@ import torch.nn.functional as F
 class Grouping:
     """ids (N,) in sequence order; sorted_ids (N,) = ids[order]; order (N,): sorted row ->
     original row; position (N,): original row -> sorted row; counts (G,) int64; offsets (G,)
-    int32, the end of each group in sorted order; shape: the leading shape of the ids, e.g.
+    int32, the end of each group in sorted order; spans: the same bounds as Python
+    (start, end) pairs, read from the device once; shape: the leading shape of the ids, e.g.
     (B, T); grouped: whether the activations travelling with it are in sorted order."""
 
     ids: torch.Tensor
@@ -37,6 +38,7 @@ class Grouping:
     position: torch.Tensor
     counts: torch.Tensor
     offsets: torch.Tensor
+    spans: list[tuple[int, int]]
     shape: tuple[int, ...]
     grouped: bool = False
 
@@ -47,8 +49,11 @@ class Grouping:
         position = torch.empty_like(order)
         position[order] = torch.arange(flat.numel(), device=flat.device)
         counts = torch.bincount(flat, minlength=num_groups)
-        return Grouping(flat, flat[order], order, position, counts,
-                        counts.cumsum(0).to(torch.int32), tuple(ids.shape), grouped)
+        offsets = counts.cumsum(0)
+        ends = offsets.tolist()
+        spans = list(zip([0] + ends[:-1], ends))
+        return Grouping(flat, flat[order], order, position, counts, offsets.to(torch.int32),
+                        spans, tuple(ids.shape), grouped)
 
     @property
     def num_groups(self) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -158,21 +158,19 @@ class Attention(nn.Module):
         """x in the layout of `groups`: (B, T, D), or (N, D) rows grouped by modality. Attention
         itself always runs in sequence order; only its projections see the grouped rows."""
         H, KV, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        qkv = self.wqkv(x, groups)
+        rows = x.shape[:-1]  # (B, T), or (N,) grouped rows
+        q, k, v = self.wqkv(x, groups).split([H * hd, KV * hd, KV * hd], dim=-1)
+        q, k, v = q.view(*rows, H, hd), k.view(*rows, KV, hd), v.view(*rows, KV, hd)
+        if self.q_norm is not None:  # in the input's layout, where grouped norms are cheapest
+            q, k = self.q_norm(q, groups), self.k_norm(k, groups)
         grouped = isinstance(groups, Grouping) and groups.grouped
         if grouped:
-            qkv = groups.to_sequence(qkv)  # (B, T, (H + 2 KV) hd)
-            groups = groups.in_sequence_order()
-        B, T, _ = qkv.shape
-        q, k, v = qkv.split([H * hd, KV * hd, KV * hd], dim=-1)
-        q, k, v = q.view(B, T, H, hd), k.view(B, T, KV, hd), v.view(B, T, KV, hd)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q, groups), self.k_norm(k, groups)
+            q, k, v = groups.to_sequence(q), groups.to_sequence(k), groups.to_sequence(v)
+        B, T = q.shape[:2]
         cos, sin = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = self.attend(q, k, v, mask, self.dropout if self.training else 0.0)  # (B,T,H,hd)
         out = out.reshape(B, T, H * hd)
         if grouped:
-            groups = replace(groups, grouped=True)
             out = groups.from_sequence(out)  # (N, H hd)
         return self.wo(out, groups)

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moe.grouping import row_ids
+from moe.grouping import Grouping, row_ids
 from moe.layers import GroupedLinear, GroupedSwiGLU
 from mot.blocks import BlockConfig, register_block
 from mot.config import check, check_positive
@@ -39,6 +39,10 @@ class GroupedRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, groups) -> torch.Tensor:
         ids = row_ids(groups, self.num_groups, x)
+        if isinstance(groups, Grouping) and groups.grouped:
+            # rows sorted by group: one fused norm per contiguous group, no per-row weights
+            return torch.cat([F.rms_norm(x[s:e], (self.dim,), self.weight[k], self.eps)
+                              for k, (s, e) in enumerate(groups.spans)])
         # x is (*ids.shape, [heads,] dim): broadcast the per-token weight over any middle dims
         weight = self.weight[ids].view(*ids.shape, *[1] * (x.dim() - ids.dim() - 1), self.dim)
         return F.rms_norm(x, (self.dim,), eps=self.eps) * weight

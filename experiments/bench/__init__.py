@@ -1,7 +1,8 @@
 """Benchmarks: `python -m experiments.bench NAME` prints a table, then one JSON line of ratios.
 
-Variants are timed alternately in one process after warm-up and reported as medians, so that
-ratios (not absolute times) carry the result on noisy machines.
+Variants are timed alternately in one process after warm-up. Times are reported as medians, and
+ratios as the median over rounds of the ratio within a round (paired: two variants timed
+back to back see the same machine load), so that ratios carry the result on noisy machines.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ import time
 from collections.abc import Callable
 
 
-def time_alternating(fns: dict[str, Callable[[], None]], repeats: int = 7,
-                     warmup: int = 2) -> dict[str, float]:
-    """Median seconds of each function, calling them in turn (a, b, c, a, b, c, ...)."""
+def time_rounds(fns: dict[str, Callable[[], None]], repeats: int = 7,
+                warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds of each function in each round, calling them in turn (a, b, c, a, b, c, ...)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -23,4 +24,15 @@ def time_alternating(fns: dict[str, Callable[[], None]], repeats: int = 7,
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
+
+
+def time_alternating(fns: dict[str, Callable[[], None]], repeats: int = 7,
+                     warmup: int = 2) -> dict[str, float]:
+    """Median seconds of each function, timed alternately."""
+    return {name: statistics.median(ts) for name, ts in time_rounds(fns, repeats, warmup).items()}
+
+
+def paired_ratio(times: dict[str, list[float]], a: str, b: str) -> float:
+    """Median over rounds of times[a] / times[b]."""
+    return statistics.median(x / y for x, y in zip(times[a], times[b]))

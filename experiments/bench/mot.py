@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 
 import torch
 
-from experiments.bench import time_alternating
+from experiments.bench import paired_ratio, time_rounds
 from experiments.bench.maskloop import MaskLoopMoTLayer
 from moe.grouping import Grouping
 from mot.attention import build_mask
@@ -43,7 +44,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--dtypes", default="float32,bfloat16")
     args = parser.parse_args(argv)
     B, T, M = args.batch, args.seq, 3
@@ -56,7 +57,7 @@ def main(argv: list[str]) -> int:
     modality = interleaved_runs(B, T, M, generator)
     mask = build_mask(dense_cfg.attention, modality, None, [])
     positions = torch.arange(T).expand(B, T)
-    results, ratios = {}, {}
+    ratios = {}
     print(f"one block, fwd+bwd, B={B} T={T} D={args.dim} heads={args.heads} "
           f"FFN={args.hidden}, {M} modalities, {torch.get_num_threads()} threads")
     print(f"{'dtype':<10}{'dense ms':>10}{'MoT ms':>10}{'mask-loop ms':>14}"
@@ -86,10 +87,10 @@ def main(argv: list[str]) -> int:
                                     mask), x_rows),
             "maskloop": step(lambda: loop(x, modality, rope, mask), x),
         }
-        t = time_alternating(fns, repeats=args.repeats)
-        results[dtype_name] = t
-        ratios[dtype_name] = {"mot_vs_dense": round(t["mot"] / t["dense"], 3),
-                              "mot_vs_maskloop": round(t["mot"] / t["maskloop"], 3)}
+        rounds = time_rounds(fns, repeats=args.repeats)
+        t = {name: statistics.median(ts) for name, ts in rounds.items()}
+        ratios[dtype_name] = {"mot_vs_dense": round(paired_ratio(rounds, "mot", "dense"), 3),
+                              "mot_vs_maskloop": round(paired_ratio(rounds, "mot", "maskloop"), 3)}
         print(f"{dtype_name:<10}{t['dense'] * 1e3:>10.1f}{t['mot'] * 1e3:>10.1f}"
               f"{t['maskloop'] * 1e3:>14.1f}{ratios[dtype_name]['mot_vs_dense']:>11.3f}"
               f"{ratios[dtype_name]['mot_vs_maskloop']:>10.3f}")
