@@ -1,4 +1,5 @@
-"""Layers with one weight per group, run over grouped rows: a grouped linear and grouped SwiGLU.
+"""FFN layers: the dense SwiGLU, and layers with one weight per group run over grouped rows
+(a grouped linear and a grouped SwiGLU).
 
 Both take `(x, groups)` with x (..., D) and groups either the ids (...) or a precomputed
 `Grouping`; they sort rows by group once, run grouped GEMMs, and restore sequence order. A
@@ -11,8 +12,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moe.grouping import as_grouping, grouped_linear
+from moe.grouping import as_grouping, grouped_linear, grouped_linear_reference
 from moe.stats import RoutingStats
+
+
+class SwiGLU(nn.Module):
+    """The dense FFN: `w2(silu(w1 x) * w3 x)`. A drop-in MLP: `ffn(x, modality=None) -> y`."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, modality=None) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class GroupedLinear(nn.Module):
@@ -57,10 +71,12 @@ class GroupedSwiGLU(nn.Module):
         self.stats.add(tokens=g.counts)
         return g.run_grouped(x, lambda rows: self.ffn(rows, g.offsets))
 
-    def ffn(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """x (N, D) rows grouped by id, offsets (G,) group ends -> (N, D)."""
-        h = F.silu(grouped_linear(x, self.w1, offsets)) * grouped_linear(x, self.w3, offsets)
-        return grouped_linear(h, self.w2, offsets)  # (N, D)
+    def ffn(self, x: torch.Tensor, offsets: torch.Tensor, reference: bool = False):
+        """x (N, D) rows grouped by id, offsets (G,) group ends -> (N, D). Rows past the last
+        offset are not computed. `reference` runs the per-group loop instead of grouped GEMMs."""
+        mm = grouped_linear_reference if reference else grouped_linear
+        h = F.silu(mm(x, self.w1, offsets)) * mm(x, self.w3, offsets)  # (N, H)
+        return mm(h, self.w2, offsets)  # (N, D)
 
     def group_slices(self):
         return [(w, g, slice(g, g + 1)) for w in (self.w1, self.w3, self.w2)

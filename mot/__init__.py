@@ -4,6 +4,7 @@ from mot.blocks import BLOCKS, BlockConfig, DenseConfig, register_block
 from mot.config import AttentionConfig, ModalitySpec, ModelConfig
 from mot.model import Batch, MultimodalTransformer
 from mot.mot import MoTConfig  # registers the "mot" block kind
+from mot.sparse import MoEBlockConfig, MoMaConfig, MoTMoEConfig  # "moe", "moma", "mot_moe"
 
 __all__ = ["AttentionConfig", "BLOCKS", "Batch", "BlockConfig", "DenseConfig", "ModalitySpec",
-           "MoTConfig", "ModelConfig", "MultimodalTransformer", "register_block"]
+           "MoEBlockConfig", "MoMaConfig", "MoTConfig", "MoTMoEConfig", "ModelConfig", "MultimodalTransformer", "register_block"]

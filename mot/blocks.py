@@ -13,8 +13,9 @@ from typing import Any, ClassVar
 
 import torch.nn as nn
 
+from moe.layers import SwiGLU
 from mot.config import check, check_positive
-from mot.layers import Linear, RMSNorm, SwiGLU
+from mot.layers import Linear, RMSNorm
 
 BLOCKS: dict[str, type] = {}
 

@@ -1,4 +1,4 @@
-"""Small building blocks of the backbone: norms, linears, SwiGLU and rotary embeddings.
+"""Small building blocks of the backbone: norms, linears and rotary embeddings.
 
 Every module here takes `(x, groups=None)`: the dense versions ignore `groups`, and the
 modality-routed versions of `mot.mot` (same call) use it. That one signature is what lets a
@@ -30,19 +30,6 @@ class RMSNorm(nn.RMSNorm):
 
     def forward(self, x: torch.Tensor, groups=None) -> torch.Tensor:
         return super().forward(x)
-
-
-class SwiGLU(nn.Module):
-    """The dense FFN: `w2(silu(w1 x) * w3 x)`. A drop-in MLP: `ffn(x, modality=None) -> y`."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
-
-    def forward(self, x: torch.Tensor, modality=None) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class Rotary(nn.Module):

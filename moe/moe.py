@@ -1,0 +1,226 @@
+"""The sparse MoE block: router -> top-k (or expert-choice) dispatch -> grouped experts -> combine.
+
+    from moe import MoE, MoEConfig
+    block = MoE(MoEConfig(dim=512, hidden=1024, num_experts=8, top_k=2))
+    y = block(x)            # x (..., 512) -> y (..., 512); aux losses ride along in backward
+
+A drop-in for an MLP: tensor in, tensor of the same shape out. `modality` ids (or a `Grouping`)
+are needed only for modality-specific expert groups (MoMa) and per-modality statistics.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import torch
+import torch.nn as nn
+
+from moe.config import MoEConfig
+from moe.dispatch import TopKDispatch
+from moe.grouping import Grouping, row_ids
+from moe.layers import GroupedSwiGLU, SwiGLU
+from moe.losses import attach_aux_loss, load_balance_loss, router_z_loss, \
+    sequence_load_balance_loss
+from moe.routing import capacity_keep, expert_choice_route, router_scores, topk_route
+from moe.stats import RoutingStats
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        if cfg.dim is None or cfg.hidden is None:
+            raise ValueError(f"moe.dim ({cfg.dim}) and moe.hidden ({cfg.hidden}) must be set to "
+                             "build an MoE block")
+        self.cfg = cfg
+        E, D = cfg.num_experts, cfg.dim
+        self.router = nn.Linear(D, E, bias=False)
+        self.experts = GroupedSwiGLU(E, D, cfg.hidden)
+        self.shared = SwiGLU(D, cfg.shared_experts * (cfg.shared_hidden or cfg.hidden)) \
+            if cfg.shared_experts else None
+        self.shared_gate = nn.Linear(D, 1, bias=False) if cfg.shared_experts and cfg.shared_gate \
+            else None
+        if cfg.bias_balancing:
+            self.register_buffer("expert_bias", torch.zeros(E))
+            self.register_buffer("load", torch.zeros(E), persistent=False)
+        if cfg.experts_per_modality:
+            group_of_expert = torch.repeat_interleave(
+                torch.arange(len(cfg.experts_per_modality)),
+                torch.tensor(cfg.experts_per_modality))
+            self.register_buffer("group_of_expert", group_of_expert, persistent=False)
+        self.megablocks = build_megablocks(cfg) if cfg.implementation == "megablocks" else None
+        self.stats = RoutingStats()
+        self.aux_loss_scale = 1.0  # e.g. 1 / gradient-accumulation steps, set by the trainer
+
+    def forward(self, x: torch.Tensor, modality=None) -> torch.Tensor:
+        cfg = self.cfg
+        if x.shape[-1] != cfg.dim:
+            raise ValueError(f"input width {x.shape[-1]} must equal moe.dim ({cfg.dim})")
+        if self.megablocks is not None:
+            return self.megablocks(x)
+        rows = x.reshape(-1, cfg.dim)  # (N, D), any order
+        router_in = rows
+        if self.training and cfg.jitter > 0:
+            router_in = rows * torch.empty_like(rows).uniform_(1 - cfg.jitter, 1 + cfg.jitter)
+        logits = self.router(router_in)  # (N, E)
+        ids = None
+        if modality is not None:
+            groups = modality.num_groups if isinstance(modality, Grouping) else None
+            ids = row_ids(modality, groups or _num_ids(modality), x).reshape(-1)
+        allowed = self.allowed_experts(ids)
+        scores = router_scores(logits, cfg.score, allowed)  # (N, E) float32
+        if cfg.router == "topk":
+            y, expert, dropped = self.token_choice(rows, scores)
+        else:
+            y, expert, dropped = self.expert_choice(rows, scores)
+        if self.shared is not None:
+            shared = self.shared(rows)
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(rows)) * shared
+            y = y + shared
+        aux = self.aux_losses(logits, scores, expert, x, modality)
+        y = attach_aux_loss(y, aux, self.aux_loss_scale)
+        self.record(scores, expert, dropped, ids)
+        return y.view_as(x)
+
+    def allowed_experts(self, ids: torch.Tensor | None) -> torch.Tensor | None:
+        """MoMa: (N, E) bool, each token may use only its modality's experts."""
+        if not self.cfg.experts_per_modality:
+            return None
+        if ids is None:
+            raise ValueError("moe.experts_per_modality routes by modality: pass modality ids")
+        groups = len(self.cfg.experts_per_modality)
+        if ids.numel() and int(ids.max()) >= groups:
+            raise ValueError(f"modality ids must be in [0, {groups}) for "
+                             f"moe.experts_per_modality ({self.cfg.experts_per_modality})")
+        return self.group_of_expert[None, :] == ids[:, None]
+
+    def token_choice(self, rows, scores):
+        cfg = self.cfg
+        bias = self.expert_bias if cfg.bias_balancing else None
+        expert, weight = topk_route(scores, cfg.top_k, cfg.renormalize, bias)  # (N, k)
+        keep = None
+        if cfg.capacity_factor is not None:
+            keep = capacity_keep(expert, weight, cfg.num_experts,
+                                 cfg.capacity(rows.shape[0]), cfg.drop_policy)
+        dispatch = TopKDispatch(expert, cfg.num_experts, keep)
+        y = self.experts.ffn(dispatch.gather(rows), dispatch.offsets,
+                             reference=cfg.implementation == "loop")
+        return dispatch.combine(y, weight), expert, dispatch.dropped
+
+    def expert_choice(self, rows, scores):
+        cfg = self.cfg
+        N, E = scores.shape
+        token, weight = expert_choice_route(scores, cfg.capacity(N))  # (E, C)
+        C = token.shape[1]
+        counts = torch.full((E,), C, device=rows.device)
+        y = self.experts.ffn(rows.index_select(0, token.reshape(-1)),
+                             counts.cumsum(0).to(torch.int32),
+                             reference=cfg.implementation == "loop")
+        y = y * weight.reshape(-1, 1).to(y.dtype)
+        out = torch.zeros_like(rows).index_add(0, token.reshape(-1), y)
+        # for statistics and the balance loss: the experts that took each token
+        expert = torch.arange(E, device=rows.device).repeat_interleave(C)[:, None]
+        picked = torch.zeros(N, dtype=torch.bool, device=rows.device)
+        picked[token.reshape(-1)] = True
+        return out, expert, int(N - picked.sum())
+
+    def aux_losses(self, logits, scores, expert, x, modality) -> torch.Tensor:
+        cfg = self.cfg
+        aux = logits.new_zeros((), dtype=torch.float32)
+        if cfg.balance_loss > 0 and cfg.router == "topk":
+            if cfg.balance_loss_type == "sequence":
+                sequence, count = sequence_ids(x, modality)
+                lb = sequence_load_balance_loss(scores, expert, sequence, count, cfg.score)
+            else:
+                lb = load_balance_loss(scores, expert, cfg.score)
+            aux = aux + cfg.balance_loss * lb
+        if cfg.z_loss > 0:
+            aux = aux + cfg.z_loss * router_z_loss(logits)
+        return aux
+
+    @torch.no_grad()
+    def record(self, scores, expert, dropped: int, ids) -> None:
+        E = self.cfg.num_experts
+        tokens = torch.bincount(expert.reshape(-1), minlength=E)
+        probs = scores / scores.sum(dim=-1, keepdim=True).clamp(min=1e-20)
+        entropy = -(probs * probs.clamp(min=1e-20).log()).sum()
+        values = dict(tokens=tokens, dropped=torch.tensor(float(dropped)), entropy=entropy,
+                      rows=torch.tensor(float(scores.shape[0])))
+        if ids is not None and self.cfg.router == "topk":
+            M = _num_ids(ids)
+            pairs = ids.repeat_interleave(expert.shape[1]) * E + expert.reshape(-1)
+            values["modality_tokens"] = torch.bincount(pairs, minlength=M * E).view(M, E)
+        self.stats.add(**values)
+        if self.cfg.bias_balancing and self.training:
+            self.load += tokens
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """DeepSeek-V3 balancing step, after each optimizer step: raise the bias of underloaded
+        experts and lower it for overloaded ones by `bias_update_rate`, from the load counted
+        since the last call."""
+        if not self.cfg.bias_balancing or self.load.sum() == 0:
+            return
+        self.expert_bias += self.cfg.bias_update_rate * torch.sign(self.load.mean() - self.load)
+        self.load.zero_()
+
+
+def _num_ids(ids) -> int:
+    if isinstance(ids, Grouping):
+        return ids.num_groups
+    return int(ids.max()) + 1 if ids.numel() else 1
+
+
+def sequence_ids(x: torch.Tensor, modality) -> tuple[torch.Tensor, int]:
+    """The sequence index of each row of x, and the number of sequences: from a grouped layout's
+    permutation, from x's (..., T, D) shape, or one sequence for (N, D) rows."""
+    if isinstance(modality, Grouping) and modality.grouped:
+        T = modality.shape[-1]
+        return modality.order // T, math.prod(modality.shape) // T
+    N = x.numel() // x.shape[-1]
+    if x.dim() >= 3:
+        T = x.shape[-2]
+        return torch.arange(N, device=x.device) // T, N // T
+    return torch.zeros(N, dtype=torch.long, device=x.device), 1
+
+
+def update_biases(model: nn.Module) -> None:
+    """Run the auxiliary-loss-free balancing step of every MoE block of `model`."""
+    for module in model.modules():
+        if isinstance(module, MoE):
+            module.update_bias()
+
+
+def build_megablocks(cfg: MoEConfig):
+    """megablocks' dropless MoE (dMoE) configured from ours; CUDA only."""
+    missing = [what for what, ok in (
+        ("the megablocks package (pip install 'mot-moe[gpu]')",
+         importlib.util.find_spec("megablocks") is not None),
+        ("a CUDA device", torch.cuda.is_available())) if not ok]
+    if missing:
+        raise ValueError(f"moe.implementation 'megablocks' needs {' and '.join(missing)}; "
+                         "use 'grouped'")
+    from megablocks.layers.arguments import Arguments
+    from megablocks.layers.dmoe import dMoE
+
+    args = Arguments(hidden_size=cfg.dim, ffn_hidden_size=cfg.hidden,
+                     moe_num_experts=cfg.num_experts, moe_top_k=cfg.top_k, mlp_type="glu",
+                     activation_fn=torch.nn.functional.silu, mlp_impl="grouped",
+                     moe_loss_weight=cfg.balance_loss, moe_zloss_weight=cfg.z_loss,
+                     moe_jitter_eps=cfg.jitter or None, bias=False,
+                     moe_normalize_expert_weights=1.0 if cfg.renormalize else None)
+    return _MegablocksMoE(dMoE(args))
+
+
+class _MegablocksMoE(nn.Module):
+    """Adapts dMoE's `(x) -> (y, bias)` on (T, B, D) to our `(..., D) -> (..., D)`."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(1, -1, x.shape[-1])  # (seq, batch, D) as megablocks expects
+        y, _ = self.block(rows)
+        return y.view_as(x)

@@ -1,0 +1,62 @@
+"""Routers: which experts each token goes to, with what weight, and which slots capacity drops.
+
+All functions work on flat rows: logits (N, E) of N tokens over E experts. Scores and weights are
+float32 whatever the model dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def router_scores(logits: torch.Tensor, score: str, allowed: torch.Tensor | None = None):
+    """logits (N, E) -> scores (N, E) in float32: softmax or sigmoid. `allowed` (N, E) bool
+    restricts each token to some experts (MoMa's modality groups): the others score 0."""
+    logits = logits.float()
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    return logits.softmax(dim=-1) if score == "softmax" else logits.sigmoid()
+
+
+def topk_route(scores: torch.Tensor, k: int, renormalize: bool,
+               bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token choice: scores (N, E) -> expert (N, k) int64, weight (N, k) float32.
+
+    `bias` (E,) shifts the scores for selection only (DeepSeek-V3 balancing): weights are always
+    the unbiased scores of the chosen experts."""
+    select = scores if bias is None else scores + bias
+    expert = select.topk(k, dim=-1).indices  # (N, k)
+    weight = scores.gather(1, expert)
+    if renormalize:
+        weight = weight / weight.sum(dim=-1, keepdim=True).clamp(min=1e-20)
+    return expert, weight
+
+
+def capacity_keep(expert: torch.Tensor, weight: torch.Tensor, num_experts: int, capacity: int,
+                  policy: str) -> torch.Tensor:
+    """Which of the (N, k) routing slots fit in `capacity` slots per expert -> keep (N, k) bool.
+
+    policy "position": slots queue by choice rank, then token position (all first choices before
+    any second choice, earlier tokens first; GShard); "probability": by router weight, highest
+    first. Ties keep the position order."""
+    N, k = expert.shape
+    # slots in choice-major order: index j * N + t for choice j of token t
+    ids = expert.t().reshape(-1)  # (k N,)
+    if policy == "probability":
+        priority = torch.argsort(weight.t().reshape(-1), descending=True, stable=True)
+    else:
+        priority = torch.arange(N * k, device=expert.device)
+    queued = priority[torch.argsort(ids[priority], stable=True)]  # by expert, then priority
+    counts = torch.bincount(ids, minlength=num_experts)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(queued)
+    rank[queued] = torch.arange(N * k, device=expert.device) - starts[ids[queued]]
+    return (rank < capacity).view(k, N).t()
+
+
+def expert_choice_route(scores: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert choice: each expert takes its `capacity` highest-scoring tokens of the batch.
+    scores (N, E) -> token (E, C) int64 and weight (E, C) float32, C = min(capacity, N)."""
+    C = min(capacity, scores.shape[0])
+    top = scores.t().topk(C, dim=-1)  # (E, C)
+    return top.indices, top.values
