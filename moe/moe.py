@@ -20,8 +20,7 @@ from moe.config import MoEConfig
 from moe.dispatch import TopKDispatch
 from moe.grouping import Grouping, row_ids
 from moe.layers import GroupedSwiGLU, SwiGLU
-from moe.losses import attach_aux_loss, load_balance_loss, router_z_loss, \
-    sequence_load_balance_loss
+from moe.losses import attach_aux_loss, load_balance_loss, router_z_loss, sequence_load_balance_loss
 from moe.routing import capacity_keep, expert_choice_route, router_scores, topk_route
 from moe.stats import RoutingStats
 

@@ -7,4 +7,5 @@ from mot.mot import MoTConfig  # registers the "mot" block kind
 from mot.sparse import MoEBlockConfig, MoMaConfig, MoTMoEConfig  # "moe", "moma", "mot_moe"
 
 __all__ = ["AttentionConfig", "BLOCKS", "Batch", "BlockConfig", "DenseConfig", "ModalitySpec",
-           "MoEBlockConfig", "MoMaConfig", "MoTConfig", "MoTMoEConfig", "ModelConfig", "MultimodalTransformer", "register_block"]
+           "MoEBlockConfig", "MoMaConfig", "MoTConfig", "MoTMoEConfig", "ModelConfig",
+           "MultimodalTransformer", "register_block"]
