@@ -15,7 +15,7 @@ setup(
     packages=find_packages(include=["mot", "mot.*", "moe", "moe.*"]),
     install_requires=["torch>=2.5", "numpy", "tensorboard", "tqdm", "pyyaml"],
     extras_require={
-        "dev": ["pytest", "ruff"],
+        "dev": ["pytest", "ruff", "transformers"],  # transformers: interop tests, benchmarks
         "gpu": ["flash-attn", "megablocks"],
     },
 )

@@ -22,7 +22,8 @@ import yaml
 from experiments.checkpoint import atomic_torch_save, atomic_write_text
 from experiments.config import RunConfig, TrainConfig, config_to_dict, load_config
 from experiments.data import TokenStream, build_stream
-from moe.stats import collect
+from moe.moe import update_biases
+from moe.stats import collect, summarize
 from mot.accounting import account
 from mot.model import MultimodalTransformer
 
@@ -62,18 +63,17 @@ def evaluate(model: MultimodalTransformer, stream: TokenStream, cfg: TrainConfig
 
 
 def log_routing(writer, model: MultimodalTransformer, step: int) -> dict:
-    """Write each routed block's counters since the last call (as shares of its tokens) to
-    TensorBoard, e.g. `routing/layers.0.ffn/tokens/image`, then reset them."""
+    """Write each routed block's metrics since the last call to TensorBoard (token shares per
+    modality or expert, load CV, drop fraction, router entropy, modality x expert shares), e.g.
+    `routing/layers.0.ffn/tokens/image`, then reset the counters."""
     names = dict(model.named_modules())
+    modalities = model.cfg.modality_names
     stats = collect(model)
     for layer, counters in stats.items():
-        labels = model.cfg.modality_names if getattr(names[layer], "modality_indexed", False) \
-            else None
-        for counter, values in counters.items():
-            shares = values / values.sum().clamp(min=1)
-            for i, share in enumerate(shares.tolist()):
-                label = labels[i] if labels and len(labels) == len(shares) else str(i)
-                writer.add_scalar(f"routing/{layer}/{counter}/{label}", share, step)
+        by_modality = getattr(names[layer], "modality_indexed", False)
+        metrics = summarize(counters, modalities if by_modality else None, modalities)
+        for key, value in metrics.items():
+            writer.add_scalar(f"routing/{layer}/{key}", value, step)
     return stats
 
 
@@ -115,6 +115,7 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
         out.loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or math.inf)
         optimizer.step()
+        update_biases(model)
         record = {"step": step + 1, "loss": out.lm_loss.item(), "lr": lr,
                   "grad_norm": float(grad_norm),
                   **{f"loss/{k}": float(v) for k, v in out.per_modality.items()}}

@@ -38,3 +38,33 @@ def collect(model: torch.nn.Module, reset: bool = True) -> dict[str, dict[str, t
         if isinstance(stats, RoutingStats) and stats.calls:
             found[name] = stats.read(reset)
     return found
+
+
+def summarize(sums: dict[str, torch.Tensor], labels: list[str] | None = None,
+              row_labels: list[str] | None = None) -> dict[str, float]:
+    """Readable metrics of one block's sums: the share of tokens per group (`tokens/<label>`),
+    the load's coefficient of variation, the fraction of routed slots dropped, the mean router
+    entropy per token, and per-modality shares over experts (`modality_tokens/<m>/<e>`).
+    labels name the groups (modality names for MoT; expert indices by default); row_labels name
+    the modalities of `modality_tokens`."""
+    out: dict[str, float] = {}
+    tokens = sums.get("tokens")
+    if tokens is not None and tokens.sum() > 0:
+        names = labels if labels and len(labels) == len(tokens) else [str(i) for i in
+                                                                       range(len(tokens))]
+        for name, share in zip(names, (tokens / tokens.sum()).tolist()):
+            out[f"tokens/{name}"] = share
+        out["load_cv"] = float(tokens.std(unbiased=False) / tokens.mean())
+        if "dropped" in sums:
+            out["drop_fraction"] = float(sums["dropped"] / tokens.sum())
+    if "entropy" in sums and sums.get("rows", 0) > 0:
+        out["router_entropy"] = float(sums["entropy"] / sums["rows"])
+    per_modality = sums.get("modality_tokens")
+    if per_modality is not None:
+        for m, row in enumerate(per_modality):
+            if row.sum() == 0:
+                continue
+            name = row_labels[m] if row_labels and m < len(row_labels) else str(m)
+            for e, share in enumerate((row / row.sum()).tolist()):
+                out[f"modality_tokens/{name}/{e}"] = share
+    return out
