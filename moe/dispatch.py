@@ -6,9 +6,10 @@ the experts run as grouped GEMMs, and the results come back as
 
     y[t] = sum_j weight[t, j] * expert_out[slot (t, j)]     (0 for a dropped slot)
 
-Both data movements have cheap exact backwards: the gather's gradient sums each token's k slots
-(a gather and a sum, no scatter-add), and the combine is a permutation gather and a batched
-(1 x k) @ (k x D) product.
+Measured on CPU, the cheapest exact pieces are: an `index_select` gather (whose backward is an
+`index_add`), and a combine that scales rows in expert order and `index_add`s them into the
+tokens, with a hand-written backward that gathers the output gradient once and reuses it for
+both the rows and the weights (`_Combine`).
 """
 
 from __future__ import annotations
@@ -29,30 +30,35 @@ class TopKDispatch:
         self.counts = self.grouping.counts[:num_experts]  # kept slots per expert
         self.offsets = self.grouping.offsets[:num_experts]
         self.kept = self.grouping.spans[num_experts - 1][1]  # slots [0, kept) are computed
-        self.token = self.grouping.order[:self.kept] // self.k  # token of each computed slot
+        self.slot = self.grouping.order[:self.kept]  # flat (t * k + j) slot of each row
+        self.token = self.slot // self.k  # token of each computed row
         self.dropped = self.N * self.k - self.kept
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, D) -> (kept, D): one row per computed slot, grouped by expert."""
-        return _Gather.apply(x, self)
+        return x.index_select(0, self.token)
 
     def combine(self, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """y (kept, D) expert outputs, weight (N, k) -> (N, D) weighted sums per token."""
-        if self.dropped:
-            y = torch.cat([y, y.new_zeros(self.dropped, y.shape[1])])
-        slots = self.grouping.unpermute(y).view(self.N, self.k, y.shape[1])  # (N, k, D)
-        return torch.bmm(weight.to(y.dtype).unsqueeze(1), slots).squeeze(1)
+        w = weight.reshape(-1).index_select(0, self.slot)  # (kept,) in expert order
+        return _Combine.apply(y, w, self.token, self.N)
 
 
-class _Gather(torch.autograd.Function):
+class _Combine(torch.autograd.Function):
+    """out[token[s]] += w[s] * y[s]. Backward: rows = grad_out[token] once, then
+    grad_w = <rows, y> (float32) and grad_y = w * rows (in place)."""
+
     @staticmethod
-    def forward(ctx, x, dispatch: TopKDispatch):
-        ctx.dispatch = dispatch
-        return x.index_select(0, dispatch.token)
+    def forward(ctx, y, w, token, N):
+        ctx.save_for_backward(y, w, token)
+        out = y.new_zeros(N, y.shape[1])
+        return out.index_add_(0, token, y * w[:, None].to(y.dtype))
 
     @staticmethod
     def backward(ctx, grad):
-        d = ctx.dispatch
-        if d.dropped:
-            grad = torch.cat([grad, grad.new_zeros(d.dropped, grad.shape[1])])
-        return d.grouping.unpermute(grad).view(d.N, d.k, grad.shape[1]).sum(dim=1), None
+        y, w, token = ctx.saved_tensors
+        rows = grad.index_select(0, token)  # (kept, D)
+        grad_w = (rows * y).sum(dim=-1, dtype=torch.float32).to(w.dtype) \
+            if ctx.needs_input_grad[1] else None
+        grad_y = rows.mul_(w[:, None].to(rows.dtype)) if ctx.needs_input_grad[0] else None
+        return grad_y, grad_w, None, None

@@ -36,8 +36,6 @@ def _moe_params(cfg: MoEConfig, dim: int, hidden: int) -> tuple[int, int, int]:
     router = dim * E
     slots = k if cfg.router == "topk" else (cfg.capacity_factor or 1.0) * k
     flops = 2 * (slots * expert + router + shared + gate)
-    if cfg.router == "topk":
-        flops += 2 * k * dim  # the weighted combine, a (1 x k) @ (k x D) product per token
     return E * expert + shared + gate + router, k * expert + shared + gate + router, flops
 
 

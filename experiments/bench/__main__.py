@@ -3,7 +3,7 @@
 import importlib
 import sys
 
-BENCHES = {"mot": "experiments.bench.mot"}
+BENCHES = {"mot": "experiments.bench.mot", "moe": "experiments.bench.moe"}
 
 
 def main() -> int:

@@ -1,0 +1,97 @@
+"""Forward + backward of one MoE FFN: ours vs dense SwiGLU of the same active FLOPs vs HF Mixtral.
+
+    python -m experiments.bench moe [--tokens 4096 --dim 512 --hidden 1024 --experts 8 --top-k 2]
+
+Dropless top-k routing. The dense baseline is a plain SwiGLU of three `nn.Linear` with
+intermediate size k * hidden (the same expert FLOPs per token: the practical limit). The
+HuggingFace `MixtralSparseMoeBlock` (from `transformers`, a test/benchmark extra) runs with its
+`eager` and `grouped_mm` expert implementations and the same weights as ours (loaded with
+`moe.interop.from_hf`), so every MoE variant routes identically. Ours includes its load-balancing
+and z-losses (defaults); HF's block computes none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+
+from experiments.bench import paired_ratio, time_rounds
+from moe.interop import from_hf
+from moe.layers import SwiGLU
+
+
+def hf_mixtral(dim: int, hidden: int, experts: int, top_k: int, implementation: str):
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    config = MixtralConfig(hidden_size=dim, intermediate_size=hidden, num_local_experts=experts,
+                           num_experts_per_tok=top_k)
+    config._experts_implementation = implementation
+    torch.manual_seed(0)
+    block = MixtralSparseMoeBlock(config)
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=dim ** -0.5)
+    return block
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.bench moe")
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    args = parser.parse_args(argv)
+    N, D, H, E, k = args.tokens, args.dim, args.hidden, args.experts, args.top_k
+    try:
+        import transformers  # noqa: F401
+        hf_impls = ["eager", "grouped_mm"]
+    except ImportError:
+        print("transformers is not installed: HF baselines skipped "
+              "(pip install -e '.[dev]')")
+        hf_impls = []
+    print(f"one MoE FFN, fwd+bwd, {N} tokens, D={D}, expert FFN={H}, {E} experts, top-{k}, "
+          f"dropless, {torch.get_num_threads()} threads")
+    columns = ["dense"] + ["moe"] + [f"hf_{i}" for i in hf_impls]
+    print(f"{'dtype':<10}" + "".join(f"{c + ' ms':>18}" for c in columns)
+          + f"{'moe/dense':>11}{'moe/hf best':>13}")
+    ratios = {}
+    for dtype_name in args.dtypes.split(","):
+        dtype = getattr(torch, dtype_name)
+        hf = {i: hf_mixtral(D, H, E, k, i).to(dtype) for i in hf_impls}
+        if hf:
+            ours = from_hf(next(iter(hf.values()))).to(dtype)
+            for block in hf.values():  # every MoE variant holds the same weights
+                block.load_state_dict(next(iter(hf.values())).state_dict())
+        else:
+            from moe import MoE, MoEConfig
+
+            ours = MoE(MoEConfig(dim=D, hidden=H, num_experts=E, top_k=k)).to(dtype)
+        dense = SwiGLU(D, k * H).to(dtype)
+        x = torch.randn(1, N, D, dtype=dtype, requires_grad=True)
+
+        def step(module):
+            def run():
+                x.grad = None
+                module(x).float().square().mean().backward()
+            return run
+
+        fns = {"dense": step(dense), "moe": step(ours)}
+        fns |= {f"hf_{i}": step(block) for i, block in hf.items()}
+        rounds = time_rounds(fns, repeats=args.repeats)
+        t = {name: statistics.median(ts) for name, ts in rounds.items()}
+        r = {"moe_vs_dense": round(paired_ratio(rounds, "moe", "dense"), 3)}
+        if hf:
+            best = min((f"hf_{i}" for i in hf_impls), key=t.get)
+            r["moe_vs_hf_best"] = round(paired_ratio(rounds, "moe", best), 3)
+            r["hf_best"] = best[3:]
+        ratios[dtype_name] = r
+        print(f"{dtype_name:<10}" + "".join(f"{t[c] * 1e3:>18.1f}" for c in columns)
+              + f"{r['moe_vs_dense']:>11.3f}{r.get('moe_vs_hf_best', float('nan')):>13.3f}")
+    print(json.dumps(ratios))
+    return 0
