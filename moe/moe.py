@@ -200,26 +200,31 @@ def build_megablocks(cfg: MoEConfig):
     if missing:
         raise ValueError(f"moe.implementation 'megablocks' needs {' and '.join(missing)}; "
                          "use 'grouped'")
+    import dataclasses
+
     from megablocks.layers.arguments import Arguments
     from megablocks.layers.dmoe import dMoE
 
-    args = Arguments(hidden_size=cfg.dim, ffn_hidden_size=cfg.hidden,
-                     moe_num_experts=cfg.num_experts, moe_top_k=cfg.top_k, mlp_type="glu",
-                     activation_fn=torch.nn.functional.silu, mlp_impl="grouped",
-                     moe_loss_weight=cfg.balance_loss, moe_zloss_weight=cfg.z_loss,
-                     moe_jitter_eps=cfg.jitter or None, bias=False,
-                     moe_normalize_expert_weights=1.0 if cfg.renormalize else None)
-    return _MegablocksMoE(dMoE(args))
+    wanted = dict(hidden_size=cfg.dim, ffn_hidden_size=cfg.hidden, moe_num_experts=cfg.num_experts,
+                  moe_top_k=cfg.top_k, mlp_type="glu", activation_fn=torch.nn.functional.silu,
+                  mlp_impl="grouped", moe_loss_weight=cfg.balance_loss,
+                  moe_zloss_weight=cfg.z_loss, moe_jitter_eps=cfg.jitter or None, bias=False,
+                  return_bias=False, fp16=False, bf16=False,
+                  moe_normalize_expert_weights=1.0 if cfg.renormalize else None)
+    known = {f.name for f in dataclasses.fields(Arguments)}  # fields differ across releases
+    return _MegablocksMoE(dMoE(Arguments(**{k: v for k, v in wanted.items() if k in known})))
 
 
 class _MegablocksMoE(nn.Module):
-    """Adapts dMoE's `(x) -> (y, bias)` on (T, B, D) to our `(..., D) -> (..., D)`."""
+    """Adapts dMoE's `(x) -> y` on (T, B, D) to our `(..., D) -> (..., D)`. megablocks keeps its
+    own load-balancing loss (read it with `megablocks.layers.moe.get_load_balancing_loss`)."""
 
     def __init__(self, block):
         super().__init__()
         self.block = block
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(1, -1, x.shape[-1])  # (seq, batch, D) as megablocks expects
-        y, _ = self.block(rows)
+        rows = x.reshape(-1, 1, x.shape[-1])  # (seq, batch, D) as megablocks expects
+        y = self.block(rows)
+        y = y[0] if isinstance(y, tuple) else y  # (out, bias) when a release ignores return_bias
         return y.view_as(x)
