@@ -1,0 +1,75 @@
+// Index arithmetic of the grouping primitive, shared by the CPU loops (moe_ops.cpp) and the
+// CUDA kernels (moe_ops_cuda.cu), so the logic a GPU-less CI cannot run on a GPU is still
+// exercised by the CPU tests.
+//
+// Vocabulary. N tokens each choose k groups: S = N * k slots, slot s = t * k + j.
+// `order` (S,) lists slots grouped by group (stable in priority order); its first `kept` rows
+// are computed, the rest were dropped by capacity. `inverse` (S,) is the row of each slot.
+#pragma once
+
+#include <cstdint>
+
+#ifdef __CUDACC__
+#define MOE_HD __host__ __device__
+#else
+#define MOE_HD
+#endif
+
+namespace moe_ops {
+
+MOE_HD inline int64_t token_of_slot(int64_t slot, int64_t k) { return slot / k; }
+
+MOE_HD inline bool within_capacity(int64_t rank, int64_t capacity) {
+  return capacity < 0 || rank < capacity;
+}
+
+// Row of a slot after sorting: kept slots at their group's start plus their rank, dropped
+// slots after every kept one, in slot order.
+MOE_HD inline int64_t destination_row(bool kept, int64_t group_start, int64_t rank,
+                                      int64_t total_kept, int64_t dropped_before) {
+  return kept ? group_start + rank : total_kept + dropped_before;
+}
+
+// permuted[row, d] = x[token(order[row]), d] * w[order[row]]   (0 for dropped rows)
+template <typename scalar_t, typename acc_t>
+MOE_HD inline scalar_t permute_value(const scalar_t* x, const int64_t* order, const float* w,
+                                     int64_t k, int64_t kept, int64_t row, int64_t d,
+                                     int64_t D) {
+  if (row >= kept) return scalar_t(0);
+  const int64_t slot = order[row];
+  acc_t v = static_cast<acc_t>(x[token_of_slot(slot, k) * D + d]);
+  if (w != nullptr) v *= static_cast<acc_t>(w[slot]);
+  return static_cast<scalar_t>(v);
+}
+
+// out[t, d] = sum_j w[t*k+j] * y[inverse[t*k+j], d] over kept slots
+template <typename scalar_t, typename acc_t>
+MOE_HD inline scalar_t unpermute_value(const scalar_t* y, const int64_t* inverse, const float* w,
+                                       int64_t k, int64_t kept, int64_t token, int64_t d,
+                                       int64_t D) {
+  acc_t acc = acc_t(0);
+  for (int64_t j = 0; j < k; ++j) {
+    const int64_t slot = token * k + j;
+    const int64_t row = inverse[slot];
+    if (row >= kept) continue;
+    acc_t v = static_cast<acc_t>(y[row * D + d]);
+    if (w != nullptr) v *= static_cast<acc_t>(w[slot]);
+    acc += v;
+  }
+  return static_cast<scalar_t>(acc);
+}
+
+// <a[token(slot)], b[inverse[slot]]> for the gradient of the combine weights (0 if dropped)
+template <typename scalar_t, typename acc_t>
+MOE_HD inline acc_t slot_dot(const scalar_t* a, const scalar_t* b, const int64_t* inverse,
+                             int64_t k, int64_t kept, int64_t slot, int64_t D) {
+  const int64_t row = inverse[slot];
+  if (row >= kept) return acc_t(0);
+  const scalar_t* ar = a + token_of_slot(slot, k) * D;
+  const scalar_t* br = b + row * D;
+  acc_t acc = acc_t(0);
+  for (int64_t d = 0; d < D; ++d) acc += static_cast<acc_t>(ar[d]) * static_cast<acc_t>(br[d]);
+  return acc;
+}
+
+}  // namespace moe_ops

@@ -1,0 +1,203 @@
+// CPU kernels of the grouping primitive, and the schemas of the `moe_ops` library.
+//
+//   sort_by_group(ids, priority, num_groups, capacity) -> (order, inverse, counts)
+//   permute_rows(x, order, inverse, weights?, k, kept)   -> (S, D) rows grouped by group
+//   unpermute_rows(y, order, inverse, weights?, k, kept) -> (N, D) weighted sums per token
+//   slot_dots(a, b, order, inverse, k, kept)             -> (S,) float32, for weight gradients
+//
+// Autograd and fake (meta) kernels are registered from Python (moe/ops.py), once for every
+// device. The per-element arithmetic lives in moe_index.h, shared with the CUDA kernels.
+#include <Python.h>
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include <vector>
+
+#include "moe_index.h"
+
+namespace moe_ops {
+
+namespace {
+
+void check_index(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kLong, name, " must be int64, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.is_contiguous(), name, " must be a contiguous 1-D tensor");
+}
+
+const float* weights_ptr(const std::optional<at::Tensor>& w, int64_t S) {
+  if (!w.has_value()) return nullptr;
+  TORCH_CHECK(w->scalar_type() == at::kFloat && w->is_contiguous() && w->numel() == S,
+              "weights must be a contiguous float32 tensor of ", S, " elements");
+  return w->data_ptr<float>();
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sort_by_group_cpu(const at::Tensor& ids,
+                                                                 const at::Tensor& priority,
+                                                                 int64_t num_groups,
+                                                                 int64_t capacity) {
+  check_index(ids, "ids");
+  TORCH_CHECK(num_groups > 0, "num_groups must be positive");
+  const int64_t S = ids.numel();
+  const bool ordered = priority.numel() > 0;
+  if (ordered) {
+    check_index(priority, "priority");
+    TORCH_CHECK(priority.numel() == S, "priority must list every slot once");
+  }
+  auto order = at::empty({S}, ids.options());
+  auto inverse = at::empty({S}, ids.options());
+  auto counts = at::zeros({num_groups}, ids.options());
+  const int64_t* id = ids.data_ptr<int64_t>();
+  const int64_t* pri = ordered ? priority.data_ptr<int64_t>() : nullptr;
+  int64_t* ord = order.data_ptr<int64_t>();
+  int64_t* inv = inverse.data_ptr<int64_t>();
+  int64_t* cnt = counts.data_ptr<int64_t>();
+  // 1. rank of each slot within its group, in priority order (a stable counting sort)
+  std::vector<int64_t> rank(S), seen(num_groups, 0);
+  for (int64_t i = 0; i < S; ++i) {
+    const int64_t s = ordered ? pri[i] : i;
+    TORCH_CHECK(s >= 0 && s < S, "priority must be a permutation of [0, ", S, ")");
+    const int64_t g = id[s];
+    TORCH_CHECK(g >= 0 && g < num_groups, "group id ", g, " out of range [0, ", num_groups, ")");
+    rank[s] = seen[g]++;
+  }
+  // 2. kept slots per group and where each group starts
+  std::vector<int64_t> start(num_groups);
+  int64_t total_kept = 0;
+  for (int64_t g = 0; g < num_groups; ++g) {
+    cnt[g] = capacity < 0 ? seen[g] : std::min(seen[g], capacity);
+    start[g] = total_kept;
+    total_kept += cnt[g];
+  }
+  // 3. every slot's row: kept ones by group and rank, dropped ones after, in slot order
+  int64_t dropped = 0;
+  for (int64_t s = 0; s < S; ++s) {
+    const bool kept = within_capacity(rank[s], capacity);
+    const int64_t row = destination_row(kept, start[id[s]], rank[s], total_kept, dropped);
+    dropped += kept ? 0 : 1;
+    ord[row] = s;
+    inv[s] = row;
+  }
+  return {order, inverse, counts};
+}
+
+template <typename scalar_t>
+void permute_kernel(const scalar_t* x, const int64_t* order, const float* w, scalar_t* out,
+                    int64_t S, int64_t D, int64_t k, int64_t kept) {
+  using acc_t = at::opmath_type<scalar_t>;
+#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
+  for (int64_t row = 0; row < S; ++row) {
+    for (int64_t d = 0; d < D; ++d) {
+      out[row * D + d] = permute_value<scalar_t, acc_t>(x, order, w, k, kept, row, d, D);
+    }
+  }
+}
+
+template <typename scalar_t>
+void unpermute_kernel(const scalar_t* y, const int64_t* inverse, const float* w, scalar_t* out,
+                      int64_t N, int64_t D, int64_t k, int64_t kept) {
+  using acc_t = at::opmath_type<scalar_t>;
+#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
+  for (int64_t t = 0; t < N; ++t) {
+    for (int64_t d = 0; d < D; ++d) {
+      out[t * D + d] = unpermute_value<scalar_t, acc_t>(y, inverse, w, k, kept, t, d, D);
+    }
+  }
+}
+
+template <typename scalar_t>
+void slot_dots_kernel(const scalar_t* a, const scalar_t* b, const int64_t* inverse, float* out,
+                      int64_t S, int64_t D, int64_t k, int64_t kept) {
+  using acc_t = at::opmath_type<scalar_t>;
+#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
+  for (int64_t s = 0; s < S; ++s) {
+    out[s] = static_cast<float>(slot_dot<scalar_t, acc_t>(a, b, inverse, k, kept, s, D));
+  }
+}
+
+void check_rows(const at::Tensor& x, const at::Tensor& order, const at::Tensor& inverse,
+                int64_t k, int64_t kept) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "rows must be a contiguous 2-D tensor");
+  check_index(order, "order");
+  check_index(inverse, "inverse");
+  TORCH_CHECK(k > 0 && order.numel() % k == 0, "k must divide the number of slots");
+  TORCH_CHECK(kept >= 0 && kept <= order.numel(), "kept must be in [0, ", order.numel(), "]");
+}
+
+at::Tensor permute_rows_cpu(const at::Tensor& x, const at::Tensor& order,
+                            const at::Tensor& inverse, const std::optional<at::Tensor>& weights,
+                            int64_t k, int64_t kept) {
+  check_rows(x, order, inverse, k, kept);
+  const int64_t S = order.numel(), D = x.size(1);
+  TORCH_CHECK(x.size(0) == S / k, "x must have one row per token (", S / k, ")");
+  auto out = at::empty({S, D}, x.options());
+  const float* w = weights_ptr(weights, S);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "permute_rows", [&] {
+    permute_kernel<scalar_t>(x.data_ptr<scalar_t>(), order.data_ptr<int64_t>(), w,
+                             out.data_ptr<scalar_t>(), S, D, k, kept);
+  });
+  return out;
+}
+
+at::Tensor unpermute_rows_cpu(const at::Tensor& y, const at::Tensor& order,
+                              const at::Tensor& inverse, const std::optional<at::Tensor>& weights,
+                              int64_t k, int64_t kept) {
+  check_rows(y, order, inverse, k, kept);
+  const int64_t S = order.numel(), N = S / k, D = y.size(1);
+  TORCH_CHECK(y.size(0) >= kept, "y must hold at least the ", kept, " kept rows");
+  auto out = at::empty({N, D}, y.options());
+  const float* w = weights_ptr(weights, S);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "unpermute_rows",
+                                  [&] {
+    unpermute_kernel<scalar_t>(y.data_ptr<scalar_t>(), inverse.data_ptr<int64_t>(), w,
+                               out.data_ptr<scalar_t>(), N, D, k, kept);
+  });
+  return out;
+}
+
+at::Tensor slot_dots_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& order,
+                         const at::Tensor& inverse, int64_t k, int64_t kept) {
+  check_rows(b, order, inverse, k, kept);
+  const int64_t S = order.numel();
+  TORCH_CHECK(a.dim() == 2 && a.is_contiguous() && a.size(0) == S / k && a.size(1) == b.size(1)
+                  && a.scalar_type() == b.scalar_type(),
+              "a must be contiguous (", S / k, ", D) rows of b's dtype");
+  auto out = at::empty({S}, a.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "slot_dots", [&] {
+    slot_dots_kernel<scalar_t>(a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(),
+                               inverse.data_ptr<int64_t>(), out.data_ptr<float>(), S, b.size(1),
+                               k, kept);
+  });
+  return out;
+}
+
+TORCH_LIBRARY(moe_ops, m) {
+  m.def("sort_by_group(Tensor ids, Tensor priority, int num_groups, int capacity)"
+        " -> (Tensor, Tensor, Tensor)");
+  m.def("permute_rows(Tensor x, Tensor order, Tensor inverse, Tensor? weights, int k, int kept)"
+        " -> Tensor");
+  m.def("unpermute_rows(Tensor y, Tensor order, Tensor inverse, Tensor? weights, int k,"
+        " int kept) -> Tensor");
+  m.def("slot_dots(Tensor a, Tensor b, Tensor order, Tensor inverse, int k, int kept)"
+        " -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(moe_ops, CPU, m) {
+  m.impl("sort_by_group", &sort_by_group_cpu);
+  m.impl("permute_rows", &permute_rows_cpu);
+  m.impl("unpermute_rows", &unpermute_rows_cpu);
+  m.impl("slot_dots", &slot_dots_cpu);
+}
+
+}  // namespace moe_ops
+
+// A Python module, so that `import moe._C` loads the library and runs the registrations.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,178 @@
+"""The compiled kernels of the grouping primitive (`csrc/`), their PyTorch references, and the
+`torch.library` registrations (fake kernels for `torch.compile`, autograd) shared by all devices.
+
+Vocabulary: N tokens each choose k groups, S = N * k slots, slot s = t * k + j. `sort_by_group`
+orders the slots by group (stably, in a given priority order) and drops those past `capacity`;
+`order` (S,) lists the slots row by row (the first `kept` rows are kept), `inverse` (S,) gives
+each slot's row, `counts` (G,) the kept rows per group.
+
+    permute_rows(x, order, inverse, w, k, kept)[row]   = x[order[row] // k] * w[order[row]]
+    unpermute_rows(y, order, inverse, w, k, kept)[t]   = sum_j w[t*k+j] * y[inverse[t*k+j]]
+    slot_dots(a, b, order, inverse, k, kept)[s]        = <a[s // k], b[inverse[s]]>
+(rows at or past `kept` count as zero; w is optional). Each is the other's backward.
+
+`permute_rows` etc. below run the compiled op when `moe._C` was built for the tensor's device,
+else the reference; without the extension a one-line notice says so once.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+try:
+    from moe import _C  # noqa: F401  (loading it registers torch.ops.moe_ops)
+
+    AVAILABLE = True
+except ImportError:
+    AVAILABLE = False
+    print("moe: compiled kernels not built (csrc/); running the PyTorch references "
+          "(reinstall with `pip install --no-build-isolation -e .` to build them)",
+          file=sys.stderr)
+
+
+# ---- references: the readable definitions, used when no kernel is built --------------------
+
+def sort_by_group_reference(ids: torch.Tensor, priority: torch.Tensor, num_groups: int,
+                            capacity: int):
+    S = ids.numel()
+    arange = torch.arange(S, device=ids.device)
+    queue = priority if priority.numel() else arange
+    queued_ids = ids[queue]
+    by_group = torch.argsort(queued_ids, stable=True)
+    seen = torch.bincount(ids, minlength=num_groups)
+    starts = torch.cumsum(seen, 0) - seen
+    rank = torch.empty_like(ids)
+    rank[queue[by_group]] = arange - starts[queued_ids[by_group]]
+    kept = rank < capacity if capacity >= 0 else torch.ones_like(ids, dtype=torch.bool)
+    counts = seen.clamp(max=capacity) if capacity >= 0 else seen
+    start = torch.cumsum(counts, 0) - counts
+    dropped_before = torch.cumsum(~kept, 0) - (~kept).long()
+    inverse = torch.where(kept, start[ids] + rank, counts.sum() + dropped_before)
+    order = torch.empty_like(ids)
+    order[inverse] = arange
+    return order, inverse, counts
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation type of the kernels: float64 for float64, else float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _weighted(rows: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    return rows if w is None else (rows.to(_acc(rows.dtype)) * w[:, None]).to(rows.dtype)
+
+
+def permute_rows_reference(x, order, inverse, weights, k: int, kept: int):
+    rows = _weighted(x.index_select(0, order[:kept] // k),
+                     None if weights is None else weights[order[:kept]])
+    return torch.cat([rows, rows.new_zeros(order.numel() - kept, x.shape[1])])
+
+
+def unpermute_rows_reference(y, order, inverse, weights, k: int, kept: int):
+    S = order.numel()
+    valid = inverse < kept
+    rows = y[:kept].index_select(0, torch.where(valid, inverse, 0)) if kept else \
+        y.new_zeros(S, y.shape[1])
+    rows = rows.to(_acc(y.dtype)) * valid[:, None]
+    if weights is not None:
+        rows = rows * weights[:, None]
+    return rows.view(S // k, k, y.shape[1]).sum(dim=1).to(y.dtype)
+
+
+def slot_dots_reference(a, b, order, inverse, k: int, kept: int):
+    S = order.numel()
+    valid = inverse < kept
+    rows = b[:kept].index_select(0, torch.where(valid, inverse, 0)) if kept else \
+        b.new_zeros(S, b.shape[1])
+    tokens = torch.arange(S, device=a.device) // k
+    acc = _acc(a.dtype)
+    dots = (a.index_select(0, tokens).to(acc) * rows.to(acc)).sum(dim=-1) * valid
+    return dots.float()
+
+
+# ---- registrations: fake kernels and autograd, once for every device -----------------------
+
+if AVAILABLE:
+    ops = torch.ops.moe_ops
+
+    @torch.library.register_fake("moe_ops::sort_by_group")
+    def _(ids, priority, num_groups, capacity):
+        return torch.empty_like(ids), torch.empty_like(ids), ids.new_empty(num_groups)
+
+    @torch.library.register_fake("moe_ops::permute_rows")
+    def _(x, order, inverse, weights, k, kept):
+        return x.new_empty(order.shape[0], x.shape[1])
+
+    @torch.library.register_fake("moe_ops::unpermute_rows")
+    def _(y, order, inverse, weights, k, kept):
+        return y.new_empty(order.shape[0] // k, y.shape[1])
+
+    @torch.library.register_fake("moe_ops::slot_dots")
+    def _(a, b, order, inverse, k, kept):
+        return a.new_empty(order.shape[0], dtype=torch.float32)
+
+    def _save(ctx, inputs, output):
+        source, order, inverse, weights, k, kept = inputs
+        ctx.save_for_backward(source, order, inverse, weights)
+        ctx.k, ctx.kept = k, kept
+
+    def _permute_backward(ctx, grad):
+        x, order, inverse, weights = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = ops.unpermute_rows(grad, order, inverse, weights, ctx.k, ctx.kept)
+        grad_w = ops.slot_dots(x, grad, order, inverse, ctx.k, ctx.kept) \
+            if weights is not None and ctx.needs_input_grad[3] else None
+        return grad_x, None, None, grad_w, None, None
+
+    def _unpermute_backward(ctx, grad):
+        y, order, inverse, weights = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_y = ops.permute_rows(grad, order, inverse, weights, ctx.k, ctx.kept)[:y.shape[0]]
+        grad_w = ops.slot_dots(grad, y, order, inverse, ctx.k, ctx.kept) \
+            if weights is not None and ctx.needs_input_grad[3] else None
+        return grad_y, None, None, grad_w, None, None
+
+    torch.library.register_autograd("moe_ops::permute_rows", _permute_backward,
+                                    setup_context=_save)
+    torch.library.register_autograd("moe_ops::unpermute_rows", _unpermute_backward,
+                                    setup_context=_save)
+
+
+def _compiled(t: torch.Tensor) -> bool:
+    if not AVAILABLE:
+        return False
+    if t.device.type == "cpu":
+        return True
+    return t.device.type == "cuda" and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "moe_ops::permute_rows", "CUDA")
+
+
+def _contiguous(w):
+    return None if w is None else w.contiguous()
+
+
+def sort_by_group(ids: torch.Tensor, num_groups: int, priority: torch.Tensor | None = None,
+                  capacity: int | None = None):
+    """ids (S,) int64 -> order (S,), inverse (S,), counts (G,)."""
+    ids = ids.reshape(-1).long().contiguous()
+    priority = ids.new_empty(0) if priority is None else priority.long().contiguous()
+    capacity = -1 if capacity is None else int(capacity)
+    if _compiled(ids):
+        return ops.sort_by_group(ids, priority, num_groups, capacity)
+    return sort_by_group_reference(ids, priority, num_groups, capacity)
+
+
+def permute_rows(x, order, inverse, weights=None, k: int = 1, kept: int | None = None):
+    kept = order.numel() if kept is None else kept
+    if _compiled(x):
+        return ops.permute_rows(x.contiguous(), order, inverse, _contiguous(weights), k, kept)
+    return permute_rows_reference(x, order, inverse, weights, k, kept)
+
+
+def unpermute_rows(y, order, inverse, weights=None, k: int = 1, kept: int | None = None):
+    kept = order.numel() if kept is None else kept
+    if _compiled(y):
+        return ops.unpermute_rows(y.contiguous(), order, inverse, _contiguous(weights), k, kept)
+    return unpermute_rows_reference(y, order, inverse, weights, k, kept)

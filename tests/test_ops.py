@@ -1,0 +1,186 @@
+"""The compiled kernels of csrc/ against their PyTorch references, gradients, registration."""
+
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe import ops
+
+needs_kernels = pytest.mark.skipif(not ops.AVAILABLE, reason="moe._C was not built "
+                                   "(needs a C++ compiler at install time)")
+CSRC = Path(__file__).parent.parent / "csrc"
+
+
+def case(N, k, G, capacity, empty_group, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, G - 1 if empty_group else G, (N * k,), generator=g)
+    priority = torch.randperm(N * k, generator=g)
+    return ids, priority, capacity
+
+
+CASES = [(N, k, G, cap, empty) for N in (0, 1, 9, 64) for k in (1, 2, 4) for G in (3, 8)
+         for cap in (None, 2) for empty in (False, True)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("N, k, G, capacity, empty_group", CASES)
+def test_sort_by_group_equals_reference(N, k, G, capacity, empty_group):
+    ids, priority, _ = case(N, k, G, capacity, empty_group)
+    cap = -1 if capacity is None else capacity
+    for pri in (priority, ids.new_empty(0)):
+        got = torch.ops.moe_ops.sort_by_group(ids, pri, G, cap)
+        want = ops.sort_by_group_reference(ids, pri, G, cap)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+
+
+def test_sort_by_group_hand_worked():
+    # 3 tokens, k = 2: slots 0..5 with groups below; capacity 1, priority = slot order
+    ids = torch.tensor([1, 0, 1, 1, 0, 2])
+    order, inverse, counts = ops.sort_by_group_reference(ids, ids.new_empty(0), 3, 1)
+    assert counts.tolist() == [1, 1, 1]
+    assert order.tolist() == [1, 0, 5, 2, 3, 4]  # kept: group 0, 1, 2; then dropped in order
+    assert inverse.tolist() == [1, 0, 3, 4, 5, 2]
+
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N, k, G, capacity, empty_group", [c for c in CASES if c[0] in (0, 9)])
+def test_rows_ops_equal_reference(dtype, N, k, G, capacity, empty_group):
+    ids, priority, _ = case(N, k, G, capacity, empty_group, seed=1)
+    order, inverse, counts = ops.sort_by_group(ids, G, priority, capacity)
+    kept = int(counts.sum())
+    D = 7
+    x = torch.randn(N, D).to(dtype)
+    y = torch.randn(kept, D).to(dtype)
+    w = torch.rand(N * k)
+    tol = dict(atol=0, rtol=0) if dtype in (torch.float32, torch.float64) \
+        else dict(atol=1e-2, rtol=1e-2)
+    for weights in (None, w):
+        torch.testing.assert_close(torch.ops.moe_ops.permute_rows(x, order, inverse, weights, k,
+                                                                  kept),
+                                   ops.permute_rows_reference(x, order, inverse, weights, k, kept),
+                                   **tol)
+        torch.testing.assert_close(
+            torch.ops.moe_ops.unpermute_rows(y, order, inverse, weights, k, kept),
+            ops.unpermute_rows_reference(y, order, inverse, weights, k, kept),
+            **(tol if k == 1 else dict(atol=1e-5, rtol=1e-5) | tol))
+    torch.testing.assert_close(torch.ops.moe_ops.slot_dots(x, y, order, inverse, k, kept),
+                               ops.slot_dots_reference(x, y, order, inverse, k, kept),
+                               atol=1e-4 if dtype != torch.float64 else 1e-12, rtol=1e-3)
+
+
+def test_duplicate_groups_within_a_token():
+    """A token may send two of its slots to the same group: both rows exist and both count."""
+    ids = torch.tensor([2, 2, 0, 1])  # token 0 chooses group 2 twice
+    order, inverse, counts = ops.sort_by_group(ids, 3)
+    x = torch.tensor([[1.0], [10.0]])
+    rows = ops.permute_rows(x, order, inverse, None, 2)
+    assert rows.flatten().tolist() == [10.0, 10.0, 1.0, 1.0]
+    out = ops.unpermute_rows(rows, order, inverse, torch.tensor([0.25, 0.5, 1.0, 2.0]), 2)
+    assert out.flatten().tolist() == [0.75, 30.0]
+
+
+@needs_kernels
+@pytest.mark.parametrize("k, capacity", [(1, None), (2, None), (2, 2), (4, 3)])
+def test_gradients_by_gradcheck(k, capacity):
+    N, G, D = 6, 3, 4
+    ids, priority, _ = case(N, k, G, capacity, False, seed=2)
+    order, inverse, counts = ops.sort_by_group(ids, G, priority, capacity)
+    kept = int(counts.sum())
+    x = torch.randn(N, D, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(kept, D, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(N * k, requires_grad=True)
+    # weights are float32 by contract: check x and y in float64, w with a looser tolerance
+    assert torch.autograd.gradcheck(
+        lambda x: torch.ops.moe_ops.permute_rows(x, order, inverse, w.detach(), k, kept), (x,))
+    assert torch.autograd.gradcheck(
+        lambda y: torch.ops.moe_ops.unpermute_rows(y, order, inverse, w.detach(), k, kept), (y,))
+    out = torch.ops.moe_ops.unpermute_rows(y.detach(), order, inverse, w, k, kept)
+    grad = torch.randn_like(out)
+    (g_w,) = torch.autograd.grad(out, w, grad)
+    ref = ops.unpermute_rows_reference(y.detach(), order, inverse, w, k, kept)
+    (g_ref,) = torch.autograd.grad(ref, w, grad)
+    torch.testing.assert_close(g_w, g_ref, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernels
+def test_opcheck_every_op():
+    N, k, G, D = 8, 2, 4, 16
+    ids, priority, _ = case(N, k, G, 3, False, seed=3)
+    order, inverse, counts = ops.sort_by_group(ids, G, priority, 3)
+    kept = int(counts.sum())
+    x = torch.randn(N, D, requires_grad=True)
+    y = torch.randn(kept, D, requires_grad=True)
+    w = torch.rand(N * k, requires_grad=True)
+    m = torch.ops.moe_ops
+    torch.library.opcheck(m.sort_by_group, (ids, priority, G, 3))
+    torch.library.opcheck(m.permute_rows, (x, order, inverse, w, k, kept))
+    torch.library.opcheck(m.permute_rows, (x, order, inverse, None, k, kept))
+    torch.library.opcheck(m.unpermute_rows, (y, order, inverse, w, k, kept))
+    torch.library.opcheck(m.slot_dots, (x.detach(), y.detach(), order, inverse, k, kept))
+
+
+@needs_kernels
+def test_torch_compile_traces_the_ops_without_graph_breaks():
+    N, k, G, D = 16, 2, 4, 8
+    ids = torch.randint(0, G, (N * k,))
+    order, inverse, _ = ops.sort_by_group(ids, G)
+
+    def moe_like(x, w):  # dropless: kept = N * k is static
+        rows = torch.ops.moe_ops.permute_rows(x, order, inverse, None, k, N * k)
+        return torch.ops.moe_ops.unpermute_rows(torch.tanh(rows), order, inverse, w, k, N * k)
+
+    compiled = torch.compile(moe_like, fullgraph=True, backend="aot_eager")
+    x = torch.randn(N, D, requires_grad=True)
+    w = torch.rand(N * k, requires_grad=True)
+    out = compiled(x, w)
+    out.sum().backward()
+    torch.testing.assert_close(out, moe_like(x, w))
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+@pytest.mark.parametrize("source", sorted(CSRC.glob("*.cu")), ids=lambda p: p.name)
+def test_cuda_sources_compile(source, tmp_path):
+    """`nvcc -c` every .cu file, so a CUDA error fails CI on machines without a GPU. The CPU
+    build of torch ships c10/cuda headers but not its generated config header: a stub stands in
+    for that one file."""
+    from torch.utils.cpp_extension import include_paths
+
+    stub = tmp_path / "stub" / "c10" / "cuda" / "impl"
+    stub.mkdir(parents=True)
+    (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
+    cmd = ["nvcc", "-c", "-std=c++20", "-arch=sm_90", f"-I{tmp_path / 'stub'}",
+           *[f"-I{p}" for p in include_paths()], f"-I{sysconfig.get_paths()['include']}",
+           str(source), "-o", str(tmp_path / "out.o")]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_reference_notice_when_kernels_are_missing():
+    """Without the extension the package still imports, says so in one line, and runs."""
+    code = ("import builtins, sys\n"
+            "real = builtins.__import__\n"
+            "def fake(name, *a, **k):\n"
+            "    if name == 'moe._C' or (a and a[2] and '_C' in a[2] and name == 'moe'):\n"
+            "        raise ImportError('hidden')\n"
+            "    return real(name, *a, **k)\n"
+            "builtins.__import__ = fake\n"
+            "import torch\n"
+            "from moe import ops\n"
+            "assert not ops.AVAILABLE\n"
+            "order, inverse, counts = ops.sort_by_group(torch.tensor([1, 0, 1]), 2)\n"
+            "print(order.tolist())\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[1, 0, 2]"
+    notice = [line for line in result.stderr.splitlines() if "compiled kernels not built" in line]
+    assert len(notice) == 1
