@@ -30,13 +30,24 @@ MOE_HD inline int64_t destination_row(bool kept, int64_t group_start, int64_t ra
   return kept ? group_start + rank : total_kept + dropped_before;
 }
 
+// The slot a permuted row comes from, or -1 for a dropped row (it holds zeros).
+MOE_HD inline int64_t row_slot(const int64_t* order, int64_t kept, int64_t row) {
+  return row < kept ? order[row] : -1;
+}
+
+// The permuted row that holds a slot, or -1 if the slot was dropped (it contributes zero).
+MOE_HD inline int64_t slot_row(const int64_t* inverse, int64_t kept, int64_t slot) {
+  const int64_t row = inverse[slot];
+  return row < kept ? row : -1;
+}
+
 // permuted[row, d] = x[token(order[row]), d] * w[order[row]]   (0 for dropped rows)
 template <typename scalar_t, typename acc_t>
 MOE_HD inline scalar_t permute_value(const scalar_t* x, const int64_t* order, const float* w,
                                      int64_t k, int64_t kept, int64_t row, int64_t d,
                                      int64_t D) {
-  if (row >= kept) return scalar_t(0);
-  const int64_t slot = order[row];
+  const int64_t slot = row_slot(order, kept, row);
+  if (slot < 0) return scalar_t(0);
   acc_t v = static_cast<acc_t>(x[token_of_slot(slot, k) * D + d]);
   if (w != nullptr) v *= static_cast<acc_t>(w[slot]);
   return static_cast<scalar_t>(v);
@@ -50,8 +61,8 @@ MOE_HD inline scalar_t unpermute_value(const scalar_t* y, const int64_t* inverse
   acc_t acc = acc_t(0);
   for (int64_t j = 0; j < k; ++j) {
     const int64_t slot = token * k + j;
-    const int64_t row = inverse[slot];
-    if (row >= kept) continue;
+    const int64_t row = slot_row(inverse, kept, slot);
+    if (row < 0) continue;
     acc_t v = static_cast<acc_t>(y[row * D + d]);
     if (w != nullptr) v *= static_cast<acc_t>(w[slot]);
     acc += v;
@@ -63,8 +74,8 @@ MOE_HD inline scalar_t unpermute_value(const scalar_t* y, const int64_t* inverse
 template <typename scalar_t, typename acc_t>
 MOE_HD inline acc_t slot_dot(const scalar_t* a, const scalar_t* b, const int64_t* inverse,
                              int64_t k, int64_t kept, int64_t slot, int64_t D) {
-  const int64_t row = inverse[slot];
-  if (row >= kept) return acc_t(0);
+  const int64_t row = slot_row(inverse, kept, slot);
+  if (row < 0) return acc_t(0);
   const scalar_t* ar = a + token_of_slot(slot, k) * D;
   const scalar_t* br = b + row * D;
   acc_t acc = acc_t(0);

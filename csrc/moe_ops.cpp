@@ -86,14 +86,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sort_by_group_cpu(const at::Tenso
   return {order, inverse, counts};
 }
 
+// The CPU loops work row by row: the index arithmetic (moe_index.h) once per row, then a plain
+// loop over the row that the compiler vectorises.
 template <typename scalar_t>
 void permute_kernel(const scalar_t* x, const int64_t* order, const float* w, scalar_t* out,
                     int64_t S, int64_t D, int64_t k, int64_t kept) {
   using acc_t = at::opmath_type<scalar_t>;
 #pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
   for (int64_t row = 0; row < S; ++row) {
-    for (int64_t d = 0; d < D; ++d) {
-      out[row * D + d] = permute_value<scalar_t, acc_t>(x, order, w, k, kept, row, d, D);
+    scalar_t* dst = out + row * D;
+    const int64_t slot = row_slot(order, kept, row);
+    if (slot < 0) {
+      std::fill(dst, dst + D, scalar_t(0));
+      continue;
+    }
+    const scalar_t* src = x + token_of_slot(slot, k) * D;
+    if (w == nullptr) {
+      std::copy(src, src + D, dst);
+    } else {
+      const acc_t scale = static_cast<acc_t>(w[slot]);
+      for (int64_t d = 0; d < D; ++d) {
+        dst[d] = static_cast<scalar_t>(static_cast<acc_t>(src[d]) * scale);
+      }
     }
   }
 }
@@ -102,10 +116,30 @@ template <typename scalar_t>
 void unpermute_kernel(const scalar_t* y, const int64_t* inverse, const float* w, scalar_t* out,
                       int64_t N, int64_t D, int64_t k, int64_t kept) {
   using acc_t = at::opmath_type<scalar_t>;
-#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
-  for (int64_t t = 0; t < N; ++t) {
-    for (int64_t d = 0; d < D; ++d) {
-      out[t * D + d] = unpermute_value<scalar_t, acc_t>(y, inverse, w, k, kept, t, d, D);
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    std::vector<acc_t> acc(D);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < N; ++t) {
+      scalar_t* dst = out + t * D;
+      int64_t used = 0;
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t slot = t * k + j;
+        const int64_t row = slot_row(inverse, kept, slot);
+        if (row < 0) continue;
+        const scalar_t* src = y + row * D;
+        const acc_t scale = w == nullptr ? acc_t(1) : static_cast<acc_t>(w[slot]);
+        if (used++ == 0) {
+          for (int64_t d = 0; d < D; ++d) acc[d] = static_cast<acc_t>(src[d]) * scale;
+        } else {
+          for (int64_t d = 0; d < D; ++d) acc[d] += static_cast<acc_t>(src[d]) * scale;
+        }
+      }
+      if (used == 0) {
+        std::fill(dst, dst + D, scalar_t(0));
+      } else {
+        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(acc[d]);
+      }
     }
   }
 }

@@ -44,11 +44,10 @@ class Grouping:
 
     @staticmethod
     def from_ids(ids: torch.Tensor, num_groups: int, grouped: bool = False) -> Grouping:
-        flat = check_ids(ids, num_groups).reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        position = torch.empty_like(order)
-        position[order] = torch.arange(flat.numel(), device=flat.device)
-        counts = torch.bincount(flat, minlength=num_groups)
+        from moe.ops import sort_by_group  # the compiled counting sort where built
+
+        flat = check_ids(ids, num_groups).reshape(-1).long()
+        order, position, counts = sort_by_group(flat, num_groups)
         offsets = counts.cumsum(0)
         ends = offsets.tolist()
         spans = list(zip([0] + ends[:-1], ends))

@@ -17,11 +17,11 @@ import torch
 import torch.nn as nn
 
 from moe.config import MoEConfig
-from moe.dispatch import TopKDispatch
+from moe.dispatch import TopKDispatch, priority_order
 from moe.grouping import Grouping, row_ids
 from moe.layers import GroupedSwiGLU, SwiGLU
 from moe.losses import attach_aux_loss, load_balance_loss, router_z_loss, sequence_load_balance_loss
-from moe.routing import capacity_keep, expert_choice_route, router_scores, topk_route
+from moe.routing import expert_choice_route, router_scores, topk_route
 from moe.stats import RoutingStats
 
 
@@ -98,11 +98,11 @@ class MoE(nn.Module):
         cfg = self.cfg
         bias = self.expert_bias if cfg.bias_balancing else None
         expert, weight = topk_route(scores, cfg.top_k, cfg.renormalize, bias)  # (N, k)
-        keep = None
+        capacity = priority = None
         if cfg.capacity_factor is not None:
-            keep = capacity_keep(expert, weight, cfg.num_experts,
-                                 cfg.capacity(rows.shape[0]), cfg.drop_policy)
-        dispatch = TopKDispatch(expert, cfg.num_experts, keep)
+            capacity = cfg.capacity(rows.shape[0])
+            priority = priority_order(expert, weight, cfg.drop_policy)
+        dispatch = TopKDispatch(expert, cfg.num_experts, capacity, priority)
         y = self.experts.ffn(dispatch.gather(rows), dispatch.offsets,
                              reference=cfg.implementation == "loop")
         return dispatch.combine(y, weight), expert, dispatch.dropped

@@ -38,20 +38,14 @@ def capacity_keep(expert: torch.Tensor, weight: torch.Tensor, num_experts: int, 
 
     policy "position": slots queue by choice rank, then token position (all first choices before
     any second choice, earlier tokens first; GShard); "probability": by router weight, highest
-    first. Ties keep the position order."""
+    first, ties in slot order. (The reference of what `TopKDispatch` computes with the kernel.)"""
+    from moe.dispatch import priority_order
+    from moe.ops import sort_by_group_reference
+
     N, k = expert.shape
-    # slots in choice-major order: index j * N + t for choice j of token t
-    ids = expert.t().reshape(-1)  # (k N,)
-    if policy == "probability":
-        priority = torch.argsort(weight.t().reshape(-1), descending=True, stable=True)
-    else:
-        priority = torch.arange(N * k, device=expert.device)
-    queued = priority[torch.argsort(ids[priority], stable=True)]  # by expert, then priority
-    counts = torch.bincount(ids, minlength=num_experts)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.empty_like(queued)
-    rank[queued] = torch.arange(N * k, device=expert.device) - starts[ids[queued]]
-    return (rank < capacity).view(k, N).t()
+    _, inverse, counts = sort_by_group_reference(expert.reshape(-1), priority_order(
+        expert, weight, policy), num_experts, capacity)
+    return (inverse < counts.sum()).view(N, k)
 
 
 def expert_choice_route(scores: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from moe import MoE, MoEConfig, SwiGLU
-from moe.dispatch import TopKDispatch
+from moe.dispatch import TopKDispatch, priority_order
 from moe.grouping import Grouping
 from moe.losses import load_balance_loss, router_z_loss, sequence_load_balance_loss
 from moe.routing import capacity_keep, topk_route
@@ -87,13 +87,14 @@ def test_capacity_dispatch_and_combine_hand_worked_top2():
     expert = torch.tensor([[0, 1], [0, 2], [1, 0], [0, 1]])
     weight = torch.tensor([[0.6, 0.4], [0.7, 0.3], [0.5, 0.5], [0.9, 0.1]])
     keep = capacity_keep(expert, weight, 3, capacity=2, policy="position")
+    dispatch = TopKDispatch(expert, 3, 2, priority_order(expert, weight, "position"))
+    assert torch.equal(dispatch.keep, keep)
     # expert 0 queue: t0, t1, t3 (first choices), t2 (second) -> keeps t0, t1
     # expert 1 queue: t2 (first), t0, t3 (second)           -> keeps t2, t0
     # expert 2 queue: t1 (second)                             -> keeps t1
     assert keep.tolist() == [[True, True], [True, True], [True, False], [False, False]]
-    dispatch = TopKDispatch(expert, 3, keep)
     assert dispatch.counts.tolist() == [2, 2, 1] and dispatch.dropped == 3
-    assert dispatch.token.tolist() == [0, 1, 0, 2, 1]  # rows grouped by expert
+    assert dispatch.token.tolist() == [0, 1, 2, 0, 1]  # by expert, each in queue order
     x = torch.arange(1.0, 5.0)[:, None]  # token t carries the value t + 1
     out = dispatch.combine(dispatch.gather(x), weight)  # identity experts
     # token 2 keeps only its first slot, token 3 is dropped entirely (its residual carries it)

@@ -3,7 +3,8 @@
 import importlib
 import sys
 
-BENCHES = {"mot": "experiments.bench.mot", "moe": "experiments.bench.moe"}
+BENCHES = {"mot": "experiments.bench.mot", "moe": "experiments.bench.moe",
+           "ops": "experiments.bench.ops"}
 
 
 def main() -> int:
