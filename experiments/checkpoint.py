@@ -42,3 +42,40 @@ def atomic_torch_save(obj, path: str | Path) -> None:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+# ---- training checkpoints: out_dir/checkpoints/step_0000100.pt, newest kept, older rotated ----
+
+def checkpoint_dir(out_dir: str | Path) -> Path:
+    return Path(out_dir) / "checkpoints"
+
+
+def checkpoint_path(out_dir: str | Path, step: int) -> Path:
+    return checkpoint_dir(out_dir) / f"step_{step:07d}.pt"
+
+
+def list_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a save in progress only exists as a hidden .tmp)."""
+    folder = checkpoint_dir(out_dir)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob("step_*.pt") if not p.name.startswith("."))
+
+
+def save_checkpoint(out_dir: str | Path, step: int, state: dict, keep: int) -> Path:
+    """Write the checkpoint of `step` atomically, then drop all but the newest `keep`."""
+    path = checkpoint_path(out_dir, step)
+    atomic_torch_save(state, path)
+    for old in list_checkpoints(out_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def latest_checkpoint(out_dir: str | Path) -> dict | None:
+    """The newest checkpoint that loads, or None."""
+    for path in reversed(list_checkpoints(out_dir)):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception:  # a damaged file: fall back to the one before
+            continue
+    return None

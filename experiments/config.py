@@ -22,6 +22,12 @@ from mot.config import ModelConfig, check, check_non_negative, check_positive
 
 @dataclass
 class TrainConfig:
+    """batch_size sequences per micro-batch, `accumulate` micro-batches per optimizer step;
+    dtype "bfloat16" runs forward and loss under CPU/CUDA autocast; checkpoints every
+    `save_every` steps (and at the end) under out_dir/checkpoints, newest `keep_checkpoints`
+    kept; `resume` continues from the newest one; `nonfinite` decides what a NaN/inf loss or
+    gradient does: "abort" (stop with the step number) or "skip" (drop the step, go on)."""
+
     steps: int = 300
     batch_size: int = 8
     seq_len: int = 128
@@ -38,10 +44,21 @@ class TrainConfig:
     out_dir: str = "runs/default"
     device: str = "cpu"
     threads: int | None = None
+    accumulate: int = 1
+    dtype: str = "float32"
+    save_every: int = 100
+    keep_checkpoints: int = 3
+    resume: bool = False
+    nonfinite: str = "abort"
 
     def __post_init__(self):
-        for key in ("steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches"):
+        for key in ("steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches",
+                    "accumulate", "save_every", "keep_checkpoints"):
             check_positive(f"train.{key}", getattr(self, key))
+        check(self.dtype in ("float32", "bfloat16"),
+              f"train.dtype ({self.dtype!r}) must be one of ['float32', 'bfloat16']")
+        check(self.nonfinite in ("abort", "skip"),
+              f"train.nonfinite ({self.nonfinite!r}) must be one of ['abort', 'skip']")
         check(self.lr > 0, f"train.lr ({self.lr}) must be > 0")
         check(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio ({self.min_lr_ratio}) must be "
                                             "in [0, 1]")

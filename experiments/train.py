@@ -2,9 +2,11 @@
 
     python -m experiments.train [--config PATH] [key=value ...]
 
-Logs the total and per-modality losses to TensorBoard (`<out_dir>/tb`), shows a progress bar
-with tokens/s, evaluates on the held-out split every `train.eval_every` steps and writes the
-config, a final checkpoint and `summary.json` to `train.out_dir`, each atomically.
+Logs the total and per-modality losses and the routing statistics to TensorBoard
+(`<out_dir>/tb`), shows a progress bar with tokens/s, evaluates on the held-out split every
+`train.eval_every` steps, and writes the config, rotating checkpoints (`checkpoints/`) and
+`summary.json` to `train.out_dir`, each atomically. `train.resume=true` continues from the newest
+checkpoint, bit for bit as if never interrupted.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from experiments.checkpoint import atomic_torch_save, atomic_write_text
+from experiments.checkpoint import atomic_write_text, latest_checkpoint, save_checkpoint
 from experiments.config import RunConfig, TrainConfig, config_to_dict, load_config
 from experiments.data import TokenStream, build_stream
 from moe.moe import update_biases
@@ -77,8 +79,40 @@ def log_routing(writer, model: MultimodalTransformer, step: int) -> dict:
     return stats
 
 
+class NonFiniteError(FloatingPointError):
+    """A NaN or inf loss or gradient, with the step it happened at."""
+
+
+def _restore(model, optimizer, generator, out_dir: Path, cfg: RunConfig) -> tuple[int, list]:
+    """Load the newest checkpoint of out_dir (model, optimizer, data position, RNG); returns the
+    step to continue from and the loss history up to it. Refuses a different model config."""
+    state = latest_checkpoint(out_dir)
+    if state is None:
+        return 0, []
+    saved = state["config"]["model"]
+    current = config_to_dict(cfg)["model"]
+    if saved != current:
+        diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        raise ValueError(f"train.resume: the checkpoint in {out_dir} was trained with a "
+                         f"different model config (fields {diff})")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["step"], state["history"]
+
+
+def _moe_blocks(model):
+    from moe.moe import MoE
+
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
 def train(cfg: RunConfig, progress: bool = True) -> dict:
-    """Run one training job; returns the summary also written to `summary.json`."""
+    """Run (or resume) one training job; returns the summary also written to `summary.json`.
+
+    The summary's "history" holds one record per step (loss, per-modality losses, lr, grad
+    norm); resuming from a checkpoint reproduces an uninterrupted run's records bit for bit."""
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
@@ -93,55 +127,85 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
     optimizer = build_optimizer(model, tc)
     if model.frozen is not None:
         model.frozen.attach(optimizer)
+    for block in _moe_blocks(model):  # auxiliary losses on the same scale as the main loss
+        block.aux_loss_scale = 1.0 / tc.accumulate
+    generator = torch.Generator().manual_seed(tc.seed)
     out_dir = Path(tc.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    start_step, history = _restore(model, optimizer, generator, out_dir, cfg) if tc.resume \
+        else (0, [])
     atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     acc = account(cfg.model, tc.seq_len)
-    writer = SummaryWriter(str(out_dir / "tb"))
-    generator = torch.Generator().manual_seed(tc.seed)
-    history, val = [], {}
-    bar = tqdm(range(tc.steps), disable=not progress, dynamic_ncols=True, file=sys.stdout,
-                mininterval=1.0)
+    writer = SummaryWriter(str(out_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+    autocast = torch.autocast(device_type=torch.device(tc.device).type, dtype=torch.bfloat16,
+                              enabled=tc.dtype == "bfloat16")
+    val, skipped = {}, 0
+    bar = tqdm(range(start_step, tc.steps), initial=start_step, total=tc.steps,
+               disable=not progress, dynamic_ncols=True, file=sys.stdout, mininterval=1.0)
     start = time.perf_counter()
     for step in bar:
         lr = lr_at(step, tc)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = train_stream.sample(tc.batch_size, tc.seq_len, generator).to(tc.device)
-        out = model.loss(batch)
-        if not torch.isfinite(out.loss):
-            raise FloatingPointError(f"non-finite loss ({float(out.loss)}) at step {step}")
         optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or math.inf)
+        lm_loss, per_modality, finite = 0.0, {}, True
+        for _ in range(tc.accumulate):
+            batch = train_stream.sample(tc.batch_size, tc.seq_len, generator).to(tc.device)
+            with autocast:
+                out = model.loss(batch)
+            if not torch.isfinite(out.loss):
+                finite = False
+                break
+            (out.loss / tc.accumulate).backward()
+            lm_loss += out.lm_loss.item() / tc.accumulate
+            for name, value in out.per_modality.items():
+                per_modality[name] = per_modality.get(name, 0.0) + float(value) / tc.accumulate
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or math.inf) \
+            if finite else torch.tensor(float("nan"))
+        if not finite or not torch.isfinite(grad_norm):
+            what = "loss" if not finite else "gradient norm"
+            if tc.nonfinite == "abort":
+                raise NonFiniteError(f"non-finite {what} at step {step + 1}; set "
+                                     "train.nonfinite=skip to drop such steps instead")
+            skipped += 1
+            optimizer.zero_grad(set_to_none=True)
+            history.append({"step": step + 1, "skipped": what})
+            continue
         optimizer.step()
         update_biases(model)
-        record = {"step": step + 1, "loss": out.lm_loss.item(), "lr": lr,
-                  "grad_norm": float(grad_norm),
-                  **{f"loss/{k}": float(v) for k, v in out.per_modality.items()}}
+        record = {"step": step + 1, "loss": lm_loss, "lr": lr, "grad_norm": float(grad_norm),
+                  **{f"loss/{k}": v for k, v in per_modality.items()}}
         history.append(record)
-        if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
-            tokens_per_s = (step + 1) * tc.batch_size * tc.seq_len / (time.perf_counter() - start)
+        done = step + 1
+        if done % tc.log_every == 0 or done == tc.steps:
+            tokens = (done - start_step) * tc.batch_size * tc.seq_len * tc.accumulate
+            tokens_per_s = tokens / (time.perf_counter() - start)
             for key, value in record.items():
                 if key != "step":
-                    writer.add_scalar(f"train/{key}", value, step + 1)
-            writer.add_scalar("train/tokens_per_s", tokens_per_s, step + 1)
-            log_routing(writer, model, step + 1)
+                    writer.add_scalar(f"train/{key}", value, done)
+            writer.add_scalar("train/tokens_per_s", tokens_per_s, done)
+            log_routing(writer, model, done)
             bar.set_postfix_str(" ".join([f"loss {record['loss']:.3f}"] + [
                 f"{k[5:]} {v:.3f}" for k, v in record.items() if k.startswith("loss/")]
                 + [f"{tokens_per_s:,.0f} tok/s"]))
-        if (step + 1) % tc.eval_every == 0 or step + 1 == tc.steps:
+        if done % tc.eval_every == 0 or done == tc.steps:
             val = evaluate(model, val_stream, tc)
             for name, value in val.items():
-                writer.add_scalar(f"val/loss/{name}", value, step + 1)
+                writer.add_scalar(f"val/loss/{name}", value, done)
+        if done % tc.save_every == 0 or done == tc.steps:
+            save_checkpoint(out_dir, done, {
+                "step": done, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                "config": config_to_dict(cfg), "history": history}, tc.keep_checkpoints)
     writer.close()
     elapsed = time.perf_counter() - start
-    summary = {"steps": tc.steps, "final_train_loss": history[-1]["loss"],
-               "val_loss": val, "tokens_per_s": tc.steps * tc.batch_size * tc.seq_len / elapsed,
+    steps_run = max(tc.steps - start_step, 1)
+    last = next((r for r in reversed(history) if "loss" in r), {"loss": float("nan")})
+    summary = {"steps": tc.steps, "final_train_loss": last["loss"], "val_loss": val,
+               "skipped_steps": skipped + sum(1 for r in history[:start_step] if "skipped" in r),
+               "tokens_per_s": steps_run * tc.batch_size * tc.seq_len * tc.accumulate / elapsed,
                "params": acc.total_params, "active_params": acc.active_params,
-               "train_flops_per_token": acc.train_flops_per_token}
-    atomic_torch_save({"model": model.state_dict(), "config": config_to_dict(cfg),
-                       "step": tc.steps}, out_dir / "checkpoint.pt")
+               "train_flops_per_token": acc.train_flops_per_token, "history": history}
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
 
@@ -157,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         parser.error(str(e))
     summary = train(cfg)
-    print(json.dumps(summary))
+    print(json.dumps({k: v for k, v in summary.items() if k != "history"}))
     return 0
 
 

@@ -23,7 +23,7 @@ def test_short_run_learns_and_writes_outputs(tmp_path):
     # uniform guessing over 64 codes costs log(64) = 4.16 nats; the stream is far more predictable
     assert summary["val_loss"]["text"] < 3.0 and summary["val_loss"]["image"] < 3.0
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    state = torch.load(tmp_path / "checkpoints" / "step_0000060.pt", weights_only=False)
     assert state["step"] == 60 and "embed.weight" in state["model"]
     assert (tmp_path / "config.yaml").exists() and any((tmp_path / "tb").iterdir())
 
