@@ -21,13 +21,26 @@ class RoutingStats:
         self.calls += 1
         for key, value in values.items():
             value = value.detach().to(torch.float64)
-            self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
+            if key not in self.sums:
+                self.sums[key] = value.clone()
+                continue
+            total = self.sums[key]
+            if total.shape != value.shape:  # e.g. a modality seen for the first time: pad rows
+                shape = [max(a, b) for a, b in zip(total.shape, value.shape)]
+                total, value = _pad(total, shape), _pad(value, shape)
+            self.sums[key] = total + value
 
     def read(self, reset: bool = True) -> dict[str, torch.Tensor]:
         out = {key: value.cpu() for key, value in self.sums.items()}
         if reset:
             self.sums, self.calls = {}, 0
         return out
+
+
+def _pad(t: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    out = t.new_zeros(shape)
+    out[tuple(slice(0, n) for n in t.shape)] = t
+    return out
 
 
 def collect(model: torch.nn.Module, reset: bool = True) -> dict[str, dict[str, torch.Tensor]]:

@@ -36,6 +36,31 @@ class AttentionMask:
     max_seqlen: int = 0
 
 
+class KVCache:
+    """Keys and values of the tokens seen so far, per layer, for incremental decoding: each
+    forward with a cache appends its tokens, so generation costs grow linearly with length."""
+
+    def __init__(self, n_layers: int):
+        self.keys: list[torch.Tensor | None] = [None] * n_layers
+        self.values: list[torch.Tensor | None] = [None] * n_layers
+        self.length = 0  # tokens already in the cache
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Append k, v (B, T, KV, hd) of `layer`; return all keys and values so far."""
+        if self.keys[layer] is not None:
+            k = torch.cat([self.keys[layer], k], dim=1)
+            v = torch.cat([self.values[layer], v], dim=1)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+    def mask(self, B: int, T: int, device) -> AttentionMask:
+        """New token i (absolute position length + i) sees every cached token and the new
+        tokens up to itself."""
+        q = self.length + torch.arange(T, device=device)
+        allowed = torch.arange(self.length + T, device=device)[None, :] <= q[:, None]
+        return AttentionMask(causal=False, allowed=allowed.expand(B, 1, T, self.length + T))
+
+
 def document_starts(doc: torch.Tensor) -> torch.Tensor:
     """(B, T) document ids -> (B, T) bool, True where a new document begins (and at t = 0)."""
     starts = torch.ones_like(doc, dtype=torch.bool)
@@ -154,9 +179,11 @@ class Attention(nn.Module):
         self.q_norm = block.build_norm(cfg, "qk_norm", cfg.head_dim) if cfg.qk_norm else None
         self.k_norm = block.build_norm(cfg, "qk_norm", cfg.head_dim) if cfg.qk_norm else None
 
-    def forward(self, x, groups, rope, mask: AttentionMask) -> torch.Tensor:
+    def forward(self, x, groups, rope, mask: AttentionMask, cache: KVCache | None = None,
+                layer: int = 0) -> torch.Tensor:
         """x in the layout of `groups`: (B, T, D), or (N, D) rows grouped by modality. Attention
-        itself always runs in sequence order; only its projections see the grouped rows."""
+        itself always runs in sequence order; only its projections see the grouped rows. With a
+        `cache`, keys and values of earlier tokens are reused and this call's are appended."""
         H, KV, hd = self.n_heads, self.n_kv_heads, self.head_dim
         rows = x.shape[:-1]  # (B, T), or (N,) grouped rows
         q, k, v = self.wqkv(x, groups).split([H * hd, KV * hd, KV * hd], dim=-1)
@@ -169,6 +196,8 @@ class Attention(nn.Module):
         B, T = q.shape[:2]
         cos, sin = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, L + T, KV, hd)
         out = self.attend(q, k, v, mask, self.dropout if self.training else 0.0)  # (B,T,H,hd)
         out = out.reshape(B, T, H * hd)
         if grouped:

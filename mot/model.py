@@ -13,7 +13,13 @@ import torch
 import torch.nn as nn
 
 from moe.grouping import Grouping
-from mot.attention import Attention, AttentionMask, build_mask, positions_from_documents
+from mot.attention import (
+    Attention,
+    AttentionMask,
+    KVCache,
+    build_mask,
+    positions_from_documents,
+)
 from mot.config import ModelConfig
 from mot.freeze import FrozenModalities
 from mot.layers import Rotary
@@ -52,11 +58,12 @@ class TransformerLayer(nn.Module):
         self.ffn = block.build_ffn(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, groups, rope, mask: AttentionMask) -> torch.Tensor:
+    def forward(self, x, groups, rope, mask: AttentionMask, cache=None, index: int = 0):
+        attend = lambda h: self.attn(h, groups, rope, mask, cache, index)  # noqa: E731
         if self.reorder:
-            h = x + self.drop(self.attn_norm(self.attn(x, groups, rope, mask), groups))
+            h = x + self.drop(self.attn_norm(attend(x), groups))
             return h + self.drop(self.ffn_norm(self.ffn(h, groups), groups))
-        h = x + self.drop(self.attn(self.attn_norm(x, groups), groups, rope, mask))
+        h = x + self.drop(attend(self.attn_norm(x, groups)))
         return h + self.drop(self.ffn(self.ffn_norm(h, groups), groups))
 
 
@@ -125,19 +132,35 @@ class MultimodalTransformer(nn.Module):
         return Grouping.from_ids(modality, self.cfg.num_modalities, grouped=True)
 
     def forward(self, tokens: torch.Tensor, modality: torch.Tensor,
-                doc: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens, modality, doc: (B, T) -> final hidden states (B, T, D)."""
+                doc: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """tokens, modality, doc: (B, T) -> final hidden states (B, T, D).
+
+        With a `KVCache` (incremental decoding, causal mask only) the tokens continue the cached
+        ones: positions start at `cache.length`, and their keys and values are appended."""
         self.check_inputs(tokens, modality, doc)
         B, T = tokens.shape
         x = self.embed(tokens, modality)  # (B, T, D)
-        mask = build_mask(self.cfg.attention, modality, doc, self.bidirectional_ids)
-        use_docs = doc if self.cfg.attention.document_mask else None
-        rope = self.rotary(positions_from_documents(use_docs, B, T, tokens.device), x.dtype)
+        if cache is None:
+            mask = build_mask(self.cfg.attention, modality, doc, self.bidirectional_ids)
+            use_docs = doc if self.cfg.attention.document_mask else None
+            positions = positions_from_documents(use_docs, B, T, tokens.device)
+        else:
+            if self.cfg.attention.mask != "causal" or doc is not None:
+                raise ValueError("a KV cache decodes causally: attention.mask must be 'causal' "
+                                 "and no document ids may be given")
+            if cache.length + T > self.cfg.max_seq_len:
+                raise ValueError(f"cached length {cache.length} + {T} new tokens exceeds "
+                                 f"max_seq_len ({self.cfg.max_seq_len})")
+            mask = cache.mask(B, T, tokens.device)
+            positions = (cache.length + torch.arange(T, device=tokens.device)).expand(B, T)
+        rope = self.rotary(positions, x.dtype)
         groups = self.route(modality)
         if isinstance(groups, Grouping):
             x = groups.from_sequence(x)  # (N, D) grouped rows
-        for layer in self.layers:
-            x = layer(x, groups, rope, mask)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, groups, rope, mask, cache, i)
+        if cache is not None:
+            cache.length += T
         x = self.norm(x, groups)
         return groups.to_sequence(x) if isinstance(groups, Grouping) else x
 

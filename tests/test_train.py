@@ -1,6 +1,7 @@
 """The training entry point: a short run learns, writes its outputs, rejects misfit configs."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -69,3 +70,30 @@ def test_cli_reports_bad_override():
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2
     assert "n_heads (3) must divide dim (128)" in result.stderr
+
+
+def test_eval_and_generate_clis_on_a_run(tmp_path):
+    cfg = load_config(DEFAULT_CONFIG, [f"train.out_dir={tmp_path}", "train.steps=150",
+                                       "model.dim=64", "model.n_layers=2",
+                                       "data.num_tokens=20000", "train.eval_every=150"])
+    train(cfg, progress=False)
+    result = subprocess.run([sys.executable, "-m", "experiments.eval", str(tmp_path),
+                             "--batches", "4"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "eval.json").read_text())["validation"]
+    for m in metrics.values():
+        assert m["perplexity"] == pytest.approx(math.exp(m["loss"]))
+    # the trained model continues "bos <word> ... boi" with a 16-token image span, then text
+    result = subprocess.run([sys.executable, "-m", "experiments.generate", str(tmp_path),
+                             "--prompt", "1 20 30 3", "--max-new", "20", "--temperature", "0"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    pieces = result.stdout.split()
+    assert pieces[4:20] == [p for p in pieces[4:20] if p.startswith("image:")]
+    assert pieces[20].startswith("text:")
+    bad = subprocess.run([sys.executable, "-m", "experiments.generate", str(tmp_path),
+                          "--prompt", "999"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "give text token ids in [0, 64)" in bad.stderr
+    missing = subprocess.run([sys.executable, "-m", "experiments.eval", str(tmp_path / "nope")],
+                             cwd=ROOT, capture_output=True, text=True)
+    assert missing.returncode == 2 and "is not a run directory" in missing.stderr

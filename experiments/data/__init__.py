@@ -6,7 +6,7 @@ vocabulary sizes, so a model config that does not fit the data is rejected befor
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -17,7 +17,8 @@ from mot.model import Batch
 @dataclass
 class TokenStream:
     """tokens, modality, doc: (N,) int64 tensors; vocab: modality name -> vocabulary size;
-    modalities: names in modality-id order; specials: named special tokens (text vocabulary)."""
+    modalities: names in modality-id order; specials: named special tokens (text vocabulary);
+    spans: special token name -> (modality, length) of the span it opens (e.g. an image)."""
 
     tokens: torch.Tensor
     modality: torch.Tensor
@@ -25,6 +26,15 @@ class TokenStream:
     modalities: list[str]
     vocab: dict[str, int]
     specials: dict[str, int]
+    spans: dict[str, tuple[str, int]] = field(default_factory=dict)
+
+    def grammar(self):
+        """The `SpanGrammar` of generation for this stream's markers."""
+        from mot.generate import SpanGrammar
+
+        index = {name: i for i, name in enumerate(self.modalities)}
+        return SpanGrammar(begin={self.specials[k]: index[m] for k, (m, _) in self.spans.items()},
+                           length={index[m]: n for m, n in self.spans.values()})
 
     def split(self, val_fraction: float) -> tuple[TokenStream, TokenStream]:
         """Split on a document boundary: the last `val_fraction` of the stream is validation."""
@@ -33,7 +43,7 @@ class TokenStream:
             cut += 1
         parts = [slice(0, cut), slice(cut, None)]
         return tuple(TokenStream(self.tokens[s], self.modality[s], self.doc[s], self.modalities,
-                                 self.vocab, self.specials) for s in parts)
+                                 self.vocab, self.specials, self.spans) for s in parts)
 
     def check_fits(self, model: ModelConfig, seq_len: int) -> None:
         """ValueError unless every modality of the data exists in the model with room for its

@@ -51,4 +51,5 @@ def synthetic_stream(num_tokens: int, seed: int):
         d += 1
     as_tensor = lambda xs: torch.tensor(xs[:num_tokens], dtype=torch.long)  # noqa: E731
     return TokenStream(as_tensor(tokens), as_tensor(modality), as_tensor(doc),
-                       ["text", "image"], {"text": TEXT_VOCAB, "image": IMAGE_VOCAB}, special)
+                       ["text", "image"], {"text": TEXT_VOCAB, "image": IMAGE_VOCAB}, special,
+                       {"boi": ("image", IMAGE_LEN)})
