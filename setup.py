@@ -42,7 +42,8 @@ setup(
                 "Mixture-of-Experts blocks on one joint-attention backbone",
     python_requires=">=3.10",
     packages=find_packages(include=["mot", "mot.*", "moe", "moe.*"]),
-    install_requires=["torch>=2.5", "numpy", "tensorboard", "tqdm", "pyyaml"],
+    install_requires=["torch>=2.5", "numpy", "tensorboard", "tqdm", "pyyaml", "scikit-learn",
+                      "tokenizers"],
     extras_require={
         "dev": ["pytest", "ruff", "transformers"],  # transformers: interop tests, benchmarks
         "gpu": ["flash-attn", "megablocks"],

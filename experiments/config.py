@@ -69,14 +69,25 @@ class TrainConfig:
             check_positive("train.threads", self.threads)
 
 
+def default_mix() -> dict[str, float]:
+    return {"caption_image": 0.3, "image_caption": 0.25, "arithmetic": 0.15, "prose": 0.3}
+
+
 @dataclass
 class DataConfig:
-    """name: the token stream ("synthetic": a built-in generated multimodal stream)."""
+    """name: the token stream: "synthetic" (a generated text+image stream) or "digits" (real
+    handwritten digits with captions, arithmetic and prose; see experiments/data/digits.py).
+    mix: digits document kinds and their ratios; cache_dir: where built corpora and trained
+    tokenizers are kept; text_vocab: BPE vocabulary size; vq_steps: VQ-VAE training steps."""
 
     name: str = "synthetic"
     num_tokens: int = 200_000
     val_fraction: float = 0.05
     seed: int = 1234
+    mix: dict[str, float] = field(default_factory=default_mix)
+    cache_dir: str = "runs/cache"
+    text_vocab: int = 512
+    vq_steps: int = 1500
 
     def __post_init__(self):
         from experiments.data import DATASETS
@@ -85,6 +96,17 @@ class DataConfig:
         check_positive("data.num_tokens", self.num_tokens)
         check(0 < self.val_fraction < 0.5, f"data.val_fraction ({self.val_fraction}) must be "
                                            "in (0, 0.5)")
+        kinds = ("caption_image", "image_caption", "arithmetic", "prose")
+        check(isinstance(self.mix, dict) and set(self.mix) <= set(kinds)
+              and all(isinstance(v, (int, float)) and v >= 0 for v in self.mix.values())
+              and sum(self.mix.values()) > 0,
+              f"data.mix ({self.mix!r}) must map some of {list(kinds)} to ratios >= 0, not all 0")
+        check_positive("data.text_vocab", self.text_vocab)
+        check_positive("data.vq_steps", self.vq_steps)
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir)
 
 
 @dataclass

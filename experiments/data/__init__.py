@@ -6,8 +6,12 @@ vocabulary sizes, so a model config that does not fit the data is rejected befor
 
 from __future__ import annotations
 
+import json
+import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from mot.config import ModelConfig, check
@@ -27,6 +31,41 @@ class TokenStream:
     vocab: dict[str, int]
     specials: dict[str, int]
     spans: dict[str, tuple[str, int]] = field(default_factory=dict)
+    split_at: int | None = None  # where validation starts (None: split by val_fraction)
+    meta: dict = field(default_factory=dict)
+
+    def save(self, folder: str | Path, extra: dict | None = None) -> None:
+        """The packed on-disk format: tokens.npy (int32), modality.npy (uint8), doc.npy (int32),
+        memory-mappable, and index.json (modalities, vocabularies, specials, spans, split,
+        metadata, tokenizer files). `extra` maps file names to writers (e.g. tokenizers).
+        Written into a temporary folder renamed at the end: never half a corpus."""
+        folder = Path(folder)
+        tmp = folder.with_name(f".{folder.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        np.save(tmp / "tokens.npy", self.tokens.numpy().astype(np.int32))
+        np.save(tmp / "modality.npy", self.modality.numpy().astype(np.uint8))
+        np.save(tmp / "doc.npy", self.doc.numpy().astype(np.int32))
+        for name, write in (extra or {}).items():
+            write(tmp / name)
+        index = {"modalities": self.modalities, "vocab": self.vocab, "specials": self.specials,
+                 "spans": self.spans, "split_at": self.split_at, "meta": self.meta,
+                 "files": sorted(p.name for p in tmp.iterdir())}
+        (tmp / "index.json").write_text(json.dumps(index))
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+
+    @staticmethod
+    def load(folder: str | Path) -> TokenStream:
+        folder = Path(folder)
+        index_file = folder / "index.json"
+        check(index_file.is_file(), f"{folder} holds no packed corpus (index.json missing)")
+        index = json.loads(index_file.read_text())
+        arrays = [torch.from_numpy(np.load(folder / f"{name}.npy", mmap_mode="c").astype(
+            np.int64)) for name in ("tokens", "modality", "doc")]
+        return TokenStream(*arrays, index["modalities"], index["vocab"], index["specials"],
+                           {k: tuple(v) for k, v in index["spans"].items()}, index["split_at"],
+                           index["meta"])
 
     def grammar(self):
         """The `SpanGrammar` of generation for this stream's markers."""
@@ -38,12 +77,14 @@ class TokenStream:
 
     def split(self, val_fraction: float) -> tuple[TokenStream, TokenStream]:
         """Split on a document boundary: the last `val_fraction` of the stream is validation."""
-        cut = int(len(self.tokens) * (1 - val_fraction))
+        cut = self.split_at if self.split_at is not None \
+            else int(len(self.tokens) * (1 - val_fraction))
         while 0 < cut < len(self.tokens) and self.doc[cut] == self.doc[cut - 1]:
             cut += 1
         parts = [slice(0, cut), slice(cut, None)]
         return tuple(TokenStream(self.tokens[s], self.modality[s], self.doc[s], self.modalities,
-                                 self.vocab, self.specials, self.spans) for s in parts)
+                                 self.vocab, self.specials, self.spans, None, self.meta)
+                     for s in parts)
 
     def check_fits(self, model: ModelConfig, seq_len: int) -> None:
         """ValueError unless every modality of the data exists in the model with room for its
@@ -92,4 +133,10 @@ def _synthetic(cfg) -> TokenStream:
     return synthetic_stream(cfg.num_tokens, cfg.seed)
 
 
-DATASETS = {"synthetic": _synthetic}
+def _digits(cfg) -> TokenStream:
+    from experiments.data.digits import build_digits
+
+    return build_digits(cfg)
+
+
+DATASETS = {"synthetic": _synthetic, "digits": _digits}

@@ -1,0 +1,13 @@
+"""Tokenizers: each turns items of one modality into ids of that modality's vocabulary and back.
+
+    tok.encode(item) -> list[int];  tok.decode(ids) -> item;  tok.vocab_size;  tok.modality
+    tok.save(path);  Cls.load(path)
+
+Text: byte-level BPE (`text.BPETokenizer`); images: a VQ-VAE (`vqvae.VQTokenizer`).
+"""
+
+from mot.tokenizers.text import SPECIAL_TOKENS, BPETokenizer
+from mot.tokenizers.vqvae import VQTokenizer, VQVAE, VQVAEConfig, train_vqvae
+
+__all__ = ["BPETokenizer", "SPECIAL_TOKENS", "VQTokenizer", "VQVAE", "VQVAEConfig",
+           "train_vqvae"]
