@@ -69,7 +69,7 @@ def test_digits_documents_and_split(digits_stream):
     assert spans and all(tuple(s) in val_codes for s in spans)
     boi, eoi = stream.specials["boi"], stream.specials["eoi"]
     tokens, modality = stream.tokens.tolist(), stream.modality.tolist()
-    for i, (t, m) in enumerate(zip(tokens, modality)):
+    for i, m in enumerate(modality):
         if m == 1:
             assert tokens[i - 1] == boi or modality[i - 1] == 1
             assert (i + 1 < len(tokens) and tokens[i + 1] == eoi) or modality[i + 1] == 1

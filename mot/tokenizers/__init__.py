@@ -7,7 +7,7 @@ Text: byte-level BPE (`text.BPETokenizer`); images: a VQ-VAE (`vqvae.VQTokenizer
 """
 
 from mot.tokenizers.text import SPECIAL_TOKENS, BPETokenizer
-from mot.tokenizers.vqvae import VQTokenizer, VQVAE, VQVAEConfig, train_vqvae
+from mot.tokenizers.vqvae import VQVAE, VQTokenizer, VQVAEConfig, train_vqvae
 
 __all__ = ["BPETokenizer", "SPECIAL_TOKENS", "VQTokenizer", "VQVAE", "VQVAEConfig",
            "train_vqvae"]
