@@ -77,9 +77,9 @@ class MoE(nn.Module):
             if self.shared_gate is not None:
                 shared = torch.sigmoid(self.shared_gate(rows)) * shared
             y = y + shared
-        aux = self.aux_losses(logits, scores, expert, x, modality)
+        aux, parts = self.aux_losses(logits, scores, expert, x, modality)
         y = attach_aux_loss(y, aux, self.aux_loss_scale)
-        self.record(scores, expert, dropped, ids)
+        self.record(scores, expert, dropped, ids, parts)
         return y.view_as(x)
 
     def allowed_experts(self, ids: torch.Tensor | None) -> torch.Tensor | None:
@@ -124,9 +124,11 @@ class MoE(nn.Module):
         picked[token.reshape(-1)] = True
         return out, expert, int(N - picked.sum())
 
-    def aux_losses(self, logits, scores, expert, x, modality) -> torch.Tensor:
+    def aux_losses(self, logits, scores, expert, x, modality):
+        """-> (weighted sum to train on, {name: unweighted value} for the statistics)."""
         cfg = self.cfg
         aux = logits.new_zeros((), dtype=torch.float32)
+        parts = {}
         if cfg.balance_loss > 0 and cfg.router == "topk":
             if cfg.balance_loss_type == "sequence":
                 sequence, count = sequence_ids(x, modality)
@@ -134,18 +136,22 @@ class MoE(nn.Module):
             else:
                 lb = load_balance_loss(scores, expert, cfg.score)
             aux = aux + cfg.balance_loss * lb
+            parts["balance_loss"] = lb.detach()
         if cfg.z_loss > 0:
-            aux = aux + cfg.z_loss * router_z_loss(logits)
-        return aux
+            z = router_z_loss(logits)
+            aux = aux + cfg.z_loss * z
+            parts["z_loss"] = z.detach()
+        return aux, parts
 
     @torch.no_grad()
-    def record(self, scores, expert, dropped: int, ids) -> None:
+    def record(self, scores, expert, dropped: int, ids, losses: dict) -> None:
         E = self.cfg.num_experts
         tokens = torch.bincount(expert.reshape(-1), minlength=E)
         probs = scores / scores.sum(dim=-1, keepdim=True).clamp(min=1e-20)
         entropy = -(probs * probs.clamp(min=1e-20).log()).sum()
         values = dict(tokens=tokens, dropped=torch.tensor(float(dropped)), entropy=entropy,
-                      rows=torch.tensor(float(scores.shape[0])))
+                      rows=torch.tensor(float(scores.shape[0])), calls=torch.tensor(1.0),
+                      **losses)
         if ids is not None and self.cfg.router == "topk":
             M = _num_ids(ids)
             pairs = ids.repeat_interleave(expert.shape[1]) * E + expert.reshape(-1)

@@ -57,7 +57,8 @@ def summarize(sums: dict[str, torch.Tensor], labels: list[str] | None = None,
               row_labels: list[str] | None = None) -> dict[str, float]:
     """Readable metrics of one block's sums: the share of tokens per group (`tokens/<label>`),
     the load's coefficient of variation, the fraction of routed slots dropped, the mean router
-    entropy per token, and per-modality shares over experts (`modality_tokens/<m>/<e>`).
+    entropy per token, the mean auxiliary losses (unweighted), and per-modality shares over
+    experts (`modality_tokens/<m>/<e>`).
     labels name the groups (modality names for MoT; expert indices by default); row_labels name
     the modalities of `modality_tokens`."""
     out: dict[str, float] = {}
@@ -72,6 +73,9 @@ def summarize(sums: dict[str, torch.Tensor], labels: list[str] | None = None,
             out["drop_fraction"] = float(sums["dropped"] / tokens.sum())
     if "entropy" in sums and sums.get("rows", 0) > 0:
         out["router_entropy"] = float(sums["entropy"] / sums["rows"])
+    for loss in ("balance_loss", "z_loss"):  # mean over the forward calls since the last read
+        if loss in sums and sums.get("calls", 0) > 0:
+            out[loss] = float(sums[loss] / sums["calls"])
     per_modality = sums.get("modality_tokens")
     if per_modality is not None:
         for m, row in enumerate(per_modality):

@@ -98,6 +98,8 @@ def test_routing_summary_is_readable():
     assert metrics["drop_fraction"] == 0.0 and metrics["load_cv"] >= 0
     assert 0 < metrics["router_entropy"] <= torch.log(torch.tensor(4.0)).item() + 1e-6
     assert sum(metrics[f"modality_tokens/text/{e}"] for e in range(4)) == pytest.approx(1.0)
+    assert 0.5 < metrics["balance_loss"] <= 4.0  # about 1 when balanced, at most E = 4
+    assert metrics["z_loss"] > 0
 
 
 @pytest.mark.parametrize("blocks, message", [
