@@ -33,8 +33,7 @@ KINDS = ("caption_image", "image_caption", "arithmetic", "prose")
 
 
 def caption(label: int, rng: np.random.Generator) -> str:
-    template = CAPTIONS[rng.integers(len(CAPTIONS))]
-    return template.format(w=WORDS[label], W=WORDS[label].capitalize(), d=label)
+    return fill(CAPTIONS[rng.integers(len(CAPTIONS))], label)
 
 
 def number(n: int, rng: np.random.Generator) -> str:
@@ -61,13 +60,29 @@ def prose_paragraphs() -> list[str]:
     return paragraphs
 
 
+def fill(template: str, label: int) -> str:
+    return template.format(w=WORDS[label], W=WORDS[label].capitalize(), d=label)
+
+
+def cache_folder(cfg):
+    """Where the corpus and tokenizers of data config `cfg` are cached."""
+    key = hashlib.sha256(json.dumps([cfg.seed, cfg.num_tokens, cfg.val_fraction, cfg.mix,
+                                     cfg.text_vocab, cfg.vq_steps], sort_keys=True).encode())
+    return cfg.cache_path / f"digits-{key.hexdigest()[:12]}"
+
+
+def load_tokenizers(cfg) -> tuple[BPETokenizer, VQTokenizer]:
+    """The text and image tokenizers of a digits corpus (built if not cached yet)."""
+    build_digits(cfg)
+    folder = cache_folder(cfg)
+    return BPETokenizer.load(folder / "text.json"), VQTokenizer.load(folder / "vq.pt")
+
+
 def build_digits(cfg):
     """The digits `TokenStream` for data config `cfg` (cached under `cfg.cache_dir`)."""
     from experiments.data import TokenStream
 
-    key = hashlib.sha256(json.dumps([cfg.seed, cfg.num_tokens, cfg.val_fraction, cfg.mix,
-                                     cfg.text_vocab, cfg.vq_steps], sort_keys=True).encode())
-    cache = cfg.cache_path / f"digits-{key.hexdigest()[:12]}"
+    cache = cache_folder(cfg)
     if (cache / "index.json").is_file():
         return TokenStream.load(cache)
     from sklearn.datasets import load_digits
