@@ -73,3 +73,9 @@ def test_eval_cli_reports_digits_metrics(tmp_path):
         assert 0.0 <= report[key] <= 1.0
     assert report["classifier_accuracy"] > 0.9  # the judge itself reads real digits well
     assert report["transcription_accuracy"] is None
+    drawn = subprocess.run([sys.executable, "-m", "experiments.generate", str(out), "--prompt",
+                            "a handwritten seven", "--max-new", "18", "--out",
+                            str(tmp_path / "png")], cwd=ROOT, capture_output=True, text=True)
+    assert drawn.returncode == 0, drawn.stderr
+    assert drawn.stdout.startswith("<bos>a handwritten seven<boi>[image 1]")
+    assert (tmp_path / "png" / "image_1.png").read_bytes()[:4] == b"\x89PNG"

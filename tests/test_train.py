@@ -85,15 +85,19 @@ def test_eval_and_generate_clis_on_a_run(tmp_path):
         assert m["perplexity"] == pytest.approx(math.exp(m["loss"]))
     # the trained model continues "bos <word> ... boi" with a 16-token image span, then text
     result = subprocess.run([sys.executable, "-m", "experiments.generate", str(tmp_path),
-                             "--prompt", "1 20 30 3", "--max-new", "20", "--temperature", "0"],
+                             "--prompt-ids", "1 20 30 3", "--max-new", "20",
+                             "--temperature", "0"],
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     pieces = result.stdout.split()
     assert pieces[4:20] == [p for p in pieces[4:20] if p.startswith("image:")]
     assert pieces[20].startswith("text:")
     bad = subprocess.run([sys.executable, "-m", "experiments.generate", str(tmp_path),
-                          "--prompt", "999"], cwd=ROOT, capture_output=True, text=True)
+                          "--prompt-ids", "999"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "give text token ids in [0, 64)" in bad.stderr
+    text = subprocess.run([sys.executable, "-m", "experiments.generate", str(tmp_path),
+                           "--prompt", "hello"], cwd=ROOT, capture_output=True, text=True)
+    assert text.returncode == 2 and "--prompt needs a text tokenizer" in text.stderr
     missing = subprocess.run([sys.executable, "-m", "experiments.eval", str(tmp_path / "nope")],
                              cwd=ROOT, capture_output=True, text=True)
     assert missing.returncode == 2 and "is not a run directory" in missing.stderr
