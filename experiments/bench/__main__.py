@@ -4,7 +4,7 @@ import importlib
 import sys
 
 BENCHES = {"mot": "experiments.bench.mot", "moe": "experiments.bench.moe",
-           "ops": "experiments.bench.ops"}
+           "ops": "experiments.bench.ops", "train": "experiments.bench.train"}
 
 
 def main() -> int:
