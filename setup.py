@@ -43,7 +43,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["mot", "mot.*", "moe", "moe.*"]),
     install_requires=["torch>=2.5", "numpy", "tensorboard", "tqdm", "pyyaml", "scikit-learn",
-                      "tokenizers"],
+                      "tokenizers", "matplotlib"],
     extras_require={
         "dev": ["pytest", "ruff", "transformers"],  # transformers: interop tests, benchmarks
         "gpu": ["flash-attn", "megablocks"],

@@ -42,6 +42,7 @@ class TrainConfig:
     eval_every: int = 100
     eval_batches: int = 4
     out_dir: str = "runs/default"
+    tb_dir: str | None = None  # TensorBoard folder; default out_dir/tb
     device: str = "cpu"
     threads: int | None = None
     accumulate: int = 1

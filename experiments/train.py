@@ -136,7 +136,8 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
         else (0, [])
     atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     acc = account(cfg.model, tc.seq_len)
-    writer = SummaryWriter(str(out_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+    writer = SummaryWriter(tc.tb_dir or str(out_dir / "tb"),
+                           purge_step=start_step + 1 if start_step else None)
     autocast = torch.autocast(device_type=torch.device(tc.device).type, dtype=torch.bfloat16,
                               enabled=tc.dtype == "bfloat16")
     val, skipped = {}, 0
@@ -192,6 +193,7 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
             val = evaluate(model, val_stream, tc)
             for name, value in val.items():
                 writer.add_scalar(f"val/loss/{name}", value, done)
+            history.append({"step": done, **{f"val/{k}": v for k, v in val.items()}})
         if done % tc.save_every == 0 or done == tc.steps:
             save_checkpoint(out_dir, done, {
                 "step": done, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
