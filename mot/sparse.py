@@ -117,7 +117,7 @@ class MoTMoEConfig(MoTConfig):
         super().__post_init__()
         check(isinstance(self.moe, (dict, MoEConfig)), "blocks.mot_moe.moe must be a mapping")
         if isinstance(self.moe, dict):
-            names = {f.name for f in fields(MoEConfig)} - {"dim"}
+            names = {f.name for f in fields(MoEConfig)}  # dim (and hidden) come from the model
             unknown = sorted(set(self.moe) - names)
             check(not unknown, f"blocks.mot_moe.moe: unknown option(s) {unknown}; valid: "
                                f"{sorted(names)}")

@@ -75,3 +75,21 @@ def test_layer_pattern_repeats():
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_preset_loads(path):
     load_config(path)
+
+
+@pytest.mark.parametrize("layers, blocks", [
+    ("dense", {}), ("mot", {"mot": {"untie": "ffn"}}), ("moe", {"moe": {"top_k": 1}}),
+    ("moma", {"moma": {"num_experts": 4, "top_k": 1}}),
+    ("mot_moe", {"mot_moe": {"moe": {"num_experts": 4}}})])
+def test_saved_config_loads_back(layers, blocks):
+    """What a run writes to config.yaml builds the same config again (every block kind)."""
+    import yaml
+
+    from experiments.config import RunConfig, config_to_dict, from_dict
+
+    cfg = load_config(CONFIGS / "default.yaml", [f"model.layers={layers}"])
+    cfg.model = ModelConfig(**{**config_to_dict(cfg)["model"], "layers": layers,
+                               "blocks": blocks})
+    text = yaml.safe_dump(config_to_dict(cfg))
+    again = from_dict(RunConfig, yaml.safe_load(text))
+    assert config_to_dict(again) == config_to_dict(cfg)
