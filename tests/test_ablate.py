@@ -35,7 +35,8 @@ def test_smoke_grid_end_to_end_and_resume(tmp_path, monkeypatch):
     with open(tmp_path / "results.csv") as f:
         table = list(csv.DictReader(f))
     assert len(table) == 2 and all(math.isfinite(float(r["val_text"])) for r in table)
-    assert table[0]["steps_to_ref_text"] == "1.0"  # the reference reaches its own loss at the end
+    best = float(table[0]["steps_to_ref_text"])  # where the reference reaches its best loss
+    assert 0 < best <= 1.0
     md = (tmp_path / "results.md").read_text()
     assert "| dense |" in md and "| mot |" in md and " ± " in md  # 2 seeds: mean ± spread
     assert (tmp_path / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
