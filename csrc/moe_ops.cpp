@@ -17,25 +17,11 @@
 
 #include <vector>
 
+#include "moe_checks.h"
 #include "moe_index.h"
 
 namespace moe_ops {
 
-namespace {
-
-void check_index(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kLong, name, " must be int64, got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 1 && t.is_contiguous(), name, " must be a contiguous 1-D tensor");
-}
-
-const float* weights_ptr(const std::optional<at::Tensor>& w, int64_t S) {
-  if (!w.has_value()) return nullptr;
-  TORCH_CHECK(w->scalar_type() == at::kFloat && w->is_contiguous() && w->numel() == S,
-              "weights must be a contiguous float32 tensor of ", S, " elements");
-  return w->data_ptr<float>();
-}
-
-}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sort_by_group_cpu(const at::Tensor& ids,
                                                                  const at::Tensor& priority,

@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
+#include "moe_checks.h"
 #include "moe_index.h"
 
 namespace moe_ops {
@@ -81,12 +82,6 @@ __global__ void slot_dots_kernel(const scalar_t* a, const scalar_t* b, const int
   out[s] = static_cast<float>(slot_dot<scalar_t, acc_t>(a, b, inverse, k, kept, s, D));
 }
 
-const float* weights_ptr(const std::optional<at::Tensor>& w, int64_t S) {
-  if (!w.has_value()) return nullptr;
-  TORCH_CHECK(w->scalar_type() == at::kFloat && w->is_contiguous() && w->numel() == S,
-              "weights must be a contiguous float32 tensor of ", S, " elements");
-  return w->data_ptr<float>();
-}
 
 }  // namespace
 
@@ -94,8 +89,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sort_by_group_cuda(const at::Tens
                                                                   const at::Tensor& priority,
                                                                   int64_t num_groups,
                                                                   int64_t capacity) {
-  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 1 && ids.is_contiguous(),
-              "ids must be a contiguous 1-D int64 tensor");
+  check_index(ids, "ids");
   TORCH_CHECK(num_groups > 0, "num_groups must be positive");
   const c10::cuda::CUDAGuard guard(ids.device());
   const int64_t S = ids.numel();
