@@ -32,7 +32,7 @@ from pathlib import Path
 import yaml
 
 from experiments.checkpoint import atomic_write_bytes, atomic_write_text
-from experiments.config import check, load_config
+from experiments.config import check, config_to_dict, load_config
 from experiments.data import build_stream
 from experiments.train import train
 from mot.accounting import account
@@ -93,6 +93,12 @@ def plan(grid: dict, extra: list[str]) -> dict[str, dict]:
 def run_variant(name: str, p: dict, seed: int, out: Path, eval_points: int) -> dict:
     run_dir = out / "runs" / f"{name}-s{seed}"
     summary_file = run_dir / "summary.json"
+    saved = run_dir / "config.yaml"
+    if saved.is_file():
+        planned = config_to_dict(p["cfg"])["model"]
+        if yaml.safe_load(saved.read_text())["model"] != planned:
+            raise ValueError(f"{run_dir} was trained with another model config than variant "
+                             f"{name!r} now asks for; use a new --out or delete that folder")
     if summary_file.is_file():
         summary = json.loads(summary_file.read_text())
         if summary.get("steps") == p["steps"]:

@@ -27,7 +27,10 @@ class MoEConfig:
     router: "topk" (token choice) or "expert_choice" (each expert takes its top tokens; it ranks
         tokens of the whole batch, so in a causal model a token's routing depends on later tokens:
         the leak the MoT paper warns about; use it for ablations, not for generation).
-    score: "softmax" or "sigmoid" router scores; renormalize: divide the top-k weights by their sum.
+    score: "softmax" or "sigmoid" router scores; renormalize: divide the top-k weights by their
+        sum. None (default) means True for top_k > 1 and False for top_k = 1: a single weight
+        renormalised is always 1, and the router would then learn from the auxiliary losses only
+        (Switch keeps the raw probability for top-1; Mixtral renormalises its top-2).
     jitter: multiplicative input noise U(1 - jitter, 1 + jitter) on the router input in training.
     bias_balancing: DeepSeek-V3 auxiliary-loss-free balancing: a per-expert bias added to the
         scores for selection only, moved by `bias_update_rate` toward uniform load by
@@ -53,7 +56,7 @@ class MoEConfig:
     top_k: int = 2
     router: str = "topk"
     score: str = "softmax"
-    renormalize: bool = True
+    renormalize: bool | None = None
     jitter: float = 0.0
     bias_balancing: bool = False
     bias_update_rate: float = 1e-3
@@ -84,6 +87,8 @@ class MoEConfig:
                             ("implementation", IMPLEMENTATIONS)):
             if getattr(self, name) not in valid:
                 _fail(f"moe.{name} ({getattr(self, name)!r}) must be one of {list(valid)}")
+        if self.renormalize is None:
+            self.renormalize = self.top_k > 1
         if not 0 <= self.jitter < 1:
             _fail(f"moe.jitter ({self.jitter}) must be in [0, 1)")
         if self.bias_update_rate < 0:

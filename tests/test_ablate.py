@@ -87,3 +87,11 @@ def test_cli_rejects_a_bad_variant_before_training(tmp_path):
                             cwd=Path(__file__).parent.parent)
     assert result.returncode == 2 and "n_heads (3) must divide dim (128)" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_changed_variant_is_not_mistaken_for_a_finished_one(tmp_path):
+    grid = load_grid(GRIDS / "smoke.yaml")
+    ablate(grid, tmp_path, seeds=1, extra=TINY, eval_points=2)
+    grid["variants"]["mot"] = {"model.layers": "mot", "model.blocks.mot": {"untie": "ffn"}}
+    with pytest.raises(ValueError, match="was trained with another model config"):
+        ablate(grid, tmp_path, seeds=1, extra=TINY, eval_points=2)

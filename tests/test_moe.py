@@ -252,3 +252,16 @@ def test_megablocks_names_what_is_missing():
 def test_wrong_width_is_a_clear_error():
     with pytest.raises(ValueError, match=r"input width 8 must equal moe.dim \(16\)"):
         make()(torch.randn(3, 8))
+
+
+def test_top1_router_learns_from_the_task():
+    """With top-1 the default keeps the raw probability as the weight (Switch), so the task
+    gradient reaches the router; renormalised, the weight is 1 and it would not."""
+    x = torch.randn(12, 16)
+    norms = {}
+    for renormalize in (None, True):
+        torch.manual_seed(0)
+        moe = make(top_k=1, renormalize=renormalize, balance_loss=0.0, z_loss=0.0)
+        moe(x).square().sum().backward()
+        norms[renormalize] = float(moe.router.weight.grad.norm())
+    assert norms[None] > 1e4 * norms[True]  # renormalised: only rounding error reaches it
