@@ -41,6 +41,29 @@ MOE_HD inline int64_t slot_row(const int64_t* inverse, int64_t kept, int64_t slo
   return row < kept ? row : -1;
 }
 
+// Steps 2 and 3 of the sort, once the rank of every slot within its group and the number of
+// slots per group (`seen`) are known: kept counts and group starts, then every slot's row
+// (kept slots by group and rank, dropped ones after, in slot order). Serial, O(G + S): the CPU
+// runs it directly, the CUDA kernel in one thread.
+MOE_HD inline void place_slots(const int64_t* ids, const int64_t* rank, const int64_t* seen,
+                               int64_t S, int64_t num_groups, int64_t capacity, int64_t* counts,
+                               int64_t* start, int64_t* order, int64_t* inverse) {
+  int64_t total_kept = 0;
+  for (int64_t g = 0; g < num_groups; ++g) {
+    counts[g] = capacity < 0 ? seen[g] : (seen[g] < capacity ? seen[g] : capacity);
+    start[g] = total_kept;
+    total_kept += counts[g];
+  }
+  int64_t dropped = 0;
+  for (int64_t s = 0; s < S; ++s) {
+    const bool kept = within_capacity(rank[s], capacity);
+    const int64_t row = destination_row(kept, start[ids[s]], rank[s], total_kept, dropped);
+    dropped += kept ? 0 : 1;
+    order[row] = s;
+    inverse[s] = row;
+  }
+}
+
 // permuted[row, d] = x[token(order[row]), d] * w[order[row]]   (0 for dropped rows)
 template <typename scalar_t, typename acc_t>
 MOE_HD inline scalar_t permute_value(const scalar_t* x, const int64_t* order, const float* w,

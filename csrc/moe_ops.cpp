@@ -52,23 +52,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sort_by_group_cpu(const at::Tenso
     TORCH_CHECK(g >= 0 && g < num_groups, "group id ", g, " out of range [0, ", num_groups, ")");
     rank[s] = seen[g]++;
   }
-  // 2. kept slots per group and where each group starts
+  // 2 and 3. group starts, then every slot's row (shared with the CUDA kernel)
   std::vector<int64_t> start(num_groups);
-  int64_t total_kept = 0;
-  for (int64_t g = 0; g < num_groups; ++g) {
-    cnt[g] = capacity < 0 ? seen[g] : std::min(seen[g], capacity);
-    start[g] = total_kept;
-    total_kept += cnt[g];
-  }
-  // 3. every slot's row: kept ones by group and rank, dropped ones after, in slot order
-  int64_t dropped = 0;
-  for (int64_t s = 0; s < S; ++s) {
-    const bool kept = within_capacity(rank[s], capacity);
-    const int64_t row = destination_row(kept, start[id[s]], rank[s], total_kept, dropped);
-    dropped += kept ? 0 : 1;
-    ord[row] = s;
-    inv[s] = row;
-  }
+  place_slots(id, rank.data(), seen.data(), S, num_groups, capacity, cnt, start.data(), ord, inv);
   return {order, inverse, counts};
 }
 

@@ -39,20 +39,7 @@ __global__ void place_kernel(const int64_t* ids, const int64_t* rank, const int6
                              int64_t S, int64_t num_groups, int64_t capacity, int64_t* counts,
                              int64_t* start, int64_t* order, int64_t* inverse) {
   if (blockIdx.x != 0 || threadIdx.x != 0) return;
-  int64_t total_kept = 0;
-  for (int64_t g = 0; g < num_groups; ++g) {
-    counts[g] = capacity < 0 ? seen[g] : (seen[g] < capacity ? seen[g] : capacity);
-    start[g] = total_kept;
-    total_kept += counts[g];
-  }
-  int64_t dropped = 0;
-  for (int64_t s = 0; s < S; ++s) {
-    const bool kept = within_capacity(rank[s], capacity);
-    const int64_t row = destination_row(kept, start[ids[s]], rank[s], total_kept, dropped);
-    dropped += kept ? 0 : 1;
-    order[row] = s;
-    inverse[s] = row;
-  }
+  place_slots(ids, rank, seen, S, num_groups, capacity, counts, start, order, inverse);
 }
 
 template <typename scalar_t>
