@@ -49,6 +49,7 @@ class MoE(nn.Module):
             self.register_buffer("group_of_expert", group_of_expert, persistent=False)
         self.megablocks = build_megablocks(cfg) if cfg.implementation == "megablocks" else None
         self.stats = RoutingStats()
+        self.dispatcher = None  # set by `moe.parallel.shard_experts` to run experts on their ranks
         self.aux_loss_scale = 1.0  # e.g. 1 / gradient-accumulation steps, set by the trainer
 
     def forward(self, x: torch.Tensor, modality=None) -> torch.Tensor:
@@ -103,6 +104,12 @@ class MoE(nn.Module):
             capacity = cfg.capacity(rows.shape[0])
             priority = priority_order(expert, weight, cfg.drop_policy)
         dispatch = TopKDispatch(expert, cfg.num_experts, capacity, priority)
+        if self.dispatcher is not None:  # expert parallel: kept slots go to their experts' ranks
+            slot = dispatch.order[:dispatch.kept]
+            y = self.dispatcher(rows, slot // cfg.top_k, expert.reshape(-1)[slot],
+                                weight.reshape(-1)[slot], self.experts,
+                                cfg.implementation == "loop")
+            return y, expert, dispatch.dropped
         y = self.experts.ffn(dispatch.gather(rows), dispatch.offsets,
                              reference=cfg.implementation == "loop")
         return dispatch.combine(y, weight), expert, dispatch.dropped
@@ -112,14 +119,18 @@ class MoE(nn.Module):
         N, E = scores.shape
         token, weight = expert_choice_route(scores, cfg.capacity(N))  # (E, C)
         C = token.shape[1]
-        counts = torch.full((E,), C, device=rows.device)
-        y = self.experts.ffn(rows.index_select(0, token.reshape(-1)),
-                             counts.cumsum(0).to(torch.int32),
-                             reference=cfg.implementation == "loop")
-        y = y * weight.reshape(-1, 1).to(y.dtype)
-        out = torch.zeros_like(rows).index_add(0, token.reshape(-1), y)
         # for statistics and the balance loss: the experts that took each token
         expert = torch.arange(E, device=rows.device).repeat_interleave(C)[:, None]
+        if self.dispatcher is not None:  # expert parallel
+            out = self.dispatcher(rows, token.reshape(-1), expert.reshape(-1), weight.reshape(-1),
+                                  self.experts, cfg.implementation == "loop")
+        else:
+            counts = torch.full((E,), C, device=rows.device)
+            y = self.experts.ffn(rows.index_select(0, token.reshape(-1)),
+                                 counts.cumsum(0).to(torch.int32),
+                                 reference=cfg.implementation == "loop")
+            y = y * weight.reshape(-1, 1).to(y.dtype)
+            out = torch.zeros_like(rows).index_add(0, token.reshape(-1), y)
         picked = torch.zeros(N, dtype=torch.bool, device=rows.device)
         picked[token.reshape(-1)] = True
         return out, expert, int(N - picked.sum())
