@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -45,6 +46,7 @@ def atomic_torch_save(obj, path: str | Path) -> None:
 
 
 # ---- training checkpoints: out_dir/checkpoints/step_0000100.pt, newest kept, older rotated ----
+# (multi-process runs write `step_0000100.dcp` folders instead, see experiments/dcp.py)
 
 def checkpoint_dir(out_dir: str | Path) -> Path:
     return Path(out_dir) / "checkpoints"
@@ -55,25 +57,40 @@ def checkpoint_path(out_dir: str | Path, step: int) -> Path:
 
 
 def list_checkpoints(out_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a save in progress only exists as a hidden .tmp)."""
+    """Complete checkpoints of either format, oldest first (a save in progress only exists
+    under a hidden .tmp name)."""
     folder = checkpoint_dir(out_dir)
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.glob("step_*.pt") if not p.name.startswith("."))
+    found = [p for p in folder.glob("step_*.pt") if p.is_file()]
+    found += [p for p in folder.glob("step_*.dcp") if (p / "meta.pt").is_file()]
+    return sorted(found, key=lambda p: (p.stem, p.suffix))
+
+
+def remove_checkpoint(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def save_checkpoint(out_dir: str | Path, step: int, state: dict, keep: int) -> Path:
     """Write the checkpoint of `step` atomically, then drop all but the newest `keep`."""
     path = checkpoint_path(out_dir, step)
     atomic_torch_save(state, path)
-    for old in list_checkpoints(out_dir)[:-keep]:
-        old.unlink(missing_ok=True)
+    rotate(out_dir, keep)
     return path
 
 
+def rotate(out_dir: str | Path, keep: int) -> None:
+    """Drop all but the newest `keep` checkpoints."""
+    for old in list_checkpoints(out_dir)[:-keep]:
+        remove_checkpoint(old)
+
+
 def latest_checkpoint(out_dir: str | Path) -> dict | None:
-    """The newest checkpoint that loads, or None."""
-    for path in reversed(list_checkpoints(out_dir)):
+    """The newest single-file checkpoint that loads, or None."""
+    for path in reversed([p for p in list_checkpoints(out_dir) if p.suffix == ".pt"]):
         try:
             return torch.load(path, map_location="cpu", weights_only=False)
         except Exception:  # a damaged file: fall back to the one before

@@ -26,7 +26,10 @@ class TrainConfig:
     dtype "bfloat16" runs forward and loss under CPU/CUDA autocast; checkpoints every
     `save_every` steps (and at the end) under out_dir/checkpoints, newest `keep_checkpoints`
     kept; `resume` continues from the newest one; `nonfinite` decides what a NaN/inf loss or
-    gradient does: "abort" (stop with the step number) or "skip" (drop the step, go on)."""
+    gradient does: "abort" (stop with the step number) or "skip" (drop the step, go on).
+    Under torchrun: `ep` processes share each MoE block's experts (it must divide the number of
+    processes; the rest is data parallel), and a rank that dies or hangs stops the others
+    within `timeout` seconds."""
 
     steps: int = 300
     batch_size: int = 8
@@ -51,15 +54,18 @@ class TrainConfig:
     keep_checkpoints: int = 3
     resume: bool = False
     nonfinite: str = "abort"
+    ep: int = 1
+    timeout: float = 300.0
 
     def __post_init__(self):
         for key in ("steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches",
-                    "accumulate", "save_every", "keep_checkpoints"):
+                    "accumulate", "save_every", "keep_checkpoints", "ep"):
             check_positive(f"train.{key}", getattr(self, key))
         check(self.dtype in ("float32", "bfloat16"),
               f"train.dtype ({self.dtype!r}) must be one of ['float32', 'bfloat16']")
         check(self.nonfinite in ("abort", "skip"),
               f"train.nonfinite ({self.nonfinite!r}) must be one of ['abort', 'skip']")
+        check(self.timeout > 0, f"train.timeout ({self.timeout}) must be > 0 seconds")
         check(self.lr > 0, f"train.lr ({self.lr}) must be > 0")
         check(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio ({self.min_lr_ratio}) must be "
                                             "in [0, 1]")

@@ -13,8 +13,10 @@ finished, rank 0 adds `meta.pt` (step, history, config, data RNG) and renames th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -96,7 +98,8 @@ def save(folder: str | Path, model: nn.Module, optimizer, meta: dict, rank: int 
         shutil.rmtree(tmp)  # the remains of a save that crashed
     if distributed:
         dist.barrier()
-    dcp.save(flat_state(model, optimizer), checkpoint_id=str(tmp))
+    with _single_process_is_intended():
+        dcp.save(flat_state(model, optimizer), checkpoint_id=str(tmp))
     torch.save(torch.get_rng_state(), tmp / f"rng_{rank}.pt")
     if distributed:
         dist.barrier()  # every rank's shards are on disk
@@ -124,12 +127,49 @@ def load(folder: str | Path, model: nn.Module, optimizer=None, rank: int = 0,
     if optimizer is not None:
         materialize_optimizer(optimizer)
     state = flat_state(model, optimizer)
-    dcp.load(state, checkpoint_id=str(folder))
-    meta = torch.load(folder / "meta.pt", map_location="cpu", weights_only=False)
+    with _single_process_is_intended():
+        dcp.load(state, checkpoint_id=str(folder))
+    meta = read_meta(folder)
     rng = folder / f"rng_{rank}.pt"
     if meta.get("world", 1) == world and rng.is_file():
         torch.set_rng_state(torch.load(rng, weights_only=True))
     return meta
+
+
+def read_meta(folder: str | Path) -> dict:
+    return torch.load(Path(folder) / "meta.pt", map_location="cpu", weights_only=False)
+
+
+@torch.no_grad()
+def load_unsharded(state: dict, model: nn.Module, optimizer=None) -> None:
+    """Load a single-process checkpoint ({"model": state_dict, "optimizer": state_dict}) into a
+    model whose experts may be sharded: each shard takes its slice of every expert tensor."""
+    experts = _expert_slices(model)
+
+    def part(value: torch.Tensor, like: torch.Tensor, p) -> torch.Tensor:
+        if id(p) in experts and value.shape != like.shape:
+            return value[experts[id(p)]:experts[id(p)] + like.shape[0]]
+        return value
+
+    for name, t in model.state_dict(keep_vars=True).items():
+        t.copy_(part(state["model"][name], t, t))
+    if optimizer is None:
+        return
+    materialize_optimizer(optimizer)
+    saved = state["optimizer"]["state"]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for i, p in enumerate(params):
+        for key, value in saved.get(i, {}).items():
+            target = optimizer.state[p][key]
+            target.copy_(part(value, target, p))
+
+
+@contextlib.contextmanager
+def _single_process_is_intended():
+    """Without a process group DCP reads and writes as one process, which is what we want."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _fsync_dir(path: Path) -> None:

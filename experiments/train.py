@@ -7,6 +7,15 @@ Logs the total and per-modality losses and the routing statistics to TensorBoard
 `train.eval_every` steps, and writes the config, rotating checkpoints (`checkpoints/`) and
 `summary.json` to `train.out_dir`, each atomically. `train.resume=true` continues from the newest
 checkpoint, bit for bit as if never interrupted.
+
+Several processes (CPU with gloo, GPUs with NCCL), experts sharded over `train.ep` of them:
+
+    torchrun --nproc_per_node 4 -m experiments.train train.ep=2
+
+Each rank trains on its own `train.accumulate` micro-batches of `train.batch_size` sequences (a
+step sees world x accumulate x batch_size sequences); only rank 0 logs and writes; checkpoints are
+`torch.distributed.checkpoint` folders that load under any other `train.ep` (see
+experiments/distributed.py and experiments/dcp.py).
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,10 +31,19 @@ from pathlib import Path
 import torch
 import yaml
 
-from experiments.checkpoint import atomic_write_text, latest_checkpoint, save_checkpoint
+from experiments import dcp
+from experiments import distributed as dist
+from experiments.checkpoint import (
+    atomic_write_text,
+    checkpoint_dir,
+    list_checkpoints,
+    rotate,
+    save_checkpoint,
+)
 from experiments.config import RunConfig, TrainConfig, config_to_dict, load_config
 from experiments.data import TokenStream, build_stream
 from moe.moe import update_biases
+from moe.parallel import communication, shard_experts
 from moe.stats import collect, summarize
 from mot.accounting import account
 from mot.model import MultimodalTransformer
@@ -50,27 +69,50 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
 
 
 @torch.no_grad()
-def evaluate(model: MultimodalTransformer, stream: TokenStream, cfg: TrainConfig) -> dict:
-    """Token-weighted mean loss per modality over fixed validation windows."""
+def evaluate(model: MultimodalTransformer, stream: TokenStream, cfg: TrainConfig,
+             par: dist.Parallel | None = None) -> dict:
+    """Token-weighted mean loss per modality over fixed validation windows (split over the
+    ranks of a multi-process run; a rank with one window fewer runs its last one again
+    without counting it, so every rank makes the same collective calls)."""
+    par = par or dist.Parallel()
     model.eval()
     sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    for i in range(cfg.eval_batches):
+    counts: dict[str, float] = {}
+    windows = list(range(par.rank, cfg.eval_batches, par.world))
+    for j in range(math.ceil(cfg.eval_batches / par.world)):
+        i = windows[min(j, len(windows) - 1)] if windows else 0
         out = model.loss(stream.fixed(cfg.batch_size, cfg.seq_len, i).to(cfg.device))
+        if j >= len(windows):
+            continue
         for name, value in out.per_modality.items():
             sums[name] = sums.get(name, 0.0) + float(value) * out.tokens[name]
             counts[name] = counts.get(name, 0) + out.tokens[name]
     model.train()
+    if par.enabled:
+        names = model.cfg.modality_names
+        totals = dist.mean_over_ranks({**{f"s/{n}": sums.get(n, 0.0) for n in names},
+                                       **{f"c/{n}": counts.get(n, 0) for n in names}}, par)
+        sums = {n: totals[f"s/{n}"] for n in names if totals[f"c/{n}"] > 0}
+        counts = {n: totals[f"c/{n}"] for n in sums}
     return {name: sums[name] / counts[name] for name in sums}
 
 
-def log_routing(writer, model: MultimodalTransformer, step: int) -> dict:
+def log_routing(writer, model: MultimodalTransformer, step: int,
+                par: dist.Parallel | None = None) -> dict:
     """Write each routed block's metrics since the last call to TensorBoard (token shares per
     modality or expert, load CV, drop fraction, router entropy, modality x expert shares), e.g.
-    `routing/layers.0.ffn/tokens/image`, then reset the counters."""
+    `routing/layers.0.ffn/tokens/image`, then reset the counters. In a multi-process run the
+    counters of all ranks are added up first (every rank calls this; rank 0 writes), and the
+    expert-parallel bytes sent are logged under `comm/`."""
+    par = par or dist.Parallel()
     names = dict(model.named_modules())
     modalities = model.cfg.modality_names
-    stats = collect(model)
+    stats = dist.sum_over_ranks(collect(model), par)
+    comm = dist.sum_counts(communication(model), par)
+    if writer is None:
+        return stats
+    for key, value in comm.items():
+        writer.add_scalar(f"comm/{key}", value, step)
     for layer, counters in stats.items():
         by_modality = getattr(names[layer], "modality_indexed", False)
         metrics = summarize(counters, modalities if by_modality else None, modalities)
@@ -83,11 +125,19 @@ class NonFiniteError(FloatingPointError):
     """A NaN or inf loss or gradient, with the step it happened at."""
 
 
-def _restore(model, optimizer, generator, out_dir: Path, cfg: RunConfig) -> tuple[int, list]:
+def _restore(model, optimizer, generator, out_dir: Path, cfg: RunConfig,
+             par: dist.Parallel) -> tuple[int, list]:
     """Load the newest checkpoint of out_dir (model, optimizer, data position, RNG); returns the
-    step to continue from and the loss history up to it. Refuses a different model config."""
-    state = latest_checkpoint(out_dir)
-    if state is None:
+    step to continue from and the loss history up to it. Either format loads under any number
+    of processes and any `train.ep`. Refuses a different model config."""
+    for path in reversed(list_checkpoints(out_dir)):
+        try:
+            state = dcp.read_meta(path) if path.suffix == ".dcp" else \
+                torch.load(path, map_location="cpu", weights_only=False)
+        except Exception:  # a damaged file: fall back to the one before
+            continue
+        break
+    else:
         return 0, []
     saved = state["config"]["model"]
     current = config_to_dict(cfg)["model"]
@@ -95,11 +145,32 @@ def _restore(model, optimizer, generator, out_dir: Path, cfg: RunConfig) -> tupl
         diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
         raise ValueError(f"train.resume: the checkpoint in {out_dir} was trained with a "
                          f"different model config (fields {diff})")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    if path.suffix == ".dcp":
+        dcp.load(path, model, optimizer, par.rank, par.world)
+    elif par.enabled:
+        dcp.load_unsharded(state, model, optimizer)
+    else:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
     generator.set_state(state["generator"])
-    torch.set_rng_state(state["torch_rng"])
     return state["step"], state["history"]
+
+
+def _save(out_dir: Path, done: int, model, optimizer, generator, cfg: RunConfig, history,
+          par: dist.Parallel) -> None:
+    meta = {"step": done, "generator": generator.get_state(), "config": config_to_dict(cfg),
+            "history": history}
+    if not par.enabled:
+        save_checkpoint(out_dir, done, {**meta, "model": model.state_dict(),
+                                        "optimizer": optimizer.state_dict(),
+                                        "torch_rng": torch.get_rng_state()},
+                        cfg.train.keep_checkpoints)
+        return
+    folder = checkpoint_dir(out_dir) / f"step_{done:07d}.dcp"
+    dcp.save(folder, model, optimizer, {**meta, "world": par.world}, par.rank)
+    if par.is_main:
+        rotate(out_dir, cfg.train.keep_checkpoints)
 
 
 def _moe_blocks(model):
@@ -112,18 +183,32 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
     """Run (or resume) one training job; returns the summary also written to `summary.json`.
 
     The summary's "history" holds one record per step (loss, per-modality losses, lr, grad
-    norm); resuming from a checkpoint reproduces an uninterrupted run's records bit for bit."""
+    norm); resuming from a checkpoint reproduces an uninterrupted run's records bit for bit.
+    Under torchrun every rank calls this; a failed or silent peer raises `PeerFailure` within
+    `train.timeout` seconds."""
+    tc = cfg.train
+    par = dist.init(tc.ep, tc.timeout, tc.device)
+    with dist.guard(par):
+        return _train(cfg, par, progress)
+
+
+def _train(cfg: RunConfig, par: dist.Parallel, progress: bool) -> dict:
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
     tc = cfg.train
-    stream = build_stream(cfg.data)
+    device = tc.device
+    if par.enabled and torch.device(device).type == "cuda":
+        device = f"cuda:{torch.cuda.current_device()}"
+    stream = build_stream(cfg.data)  # every rank builds (or reads the cache of) the same data
     stream.check_fits(cfg.model, tc.seq_len)
     train_stream, val_stream = stream.split(cfg.data.val_fraction)
     if tc.threads:
         torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)
-    model = MultimodalTransformer(cfg.model).to(tc.device)
+    model = MultimodalTransformer(cfg.model).to(device)
+    if par.ep > 1:
+        shard_experts(model, par.ep_group)
     optimizer = build_optimizer(model, tc)
     if model.frozen is not None:
         model.frozen.attach(optimizer)
@@ -132,37 +217,50 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
     generator = torch.Generator().manual_seed(tc.seed)
     out_dir = Path(tc.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    start_step, history = _restore(model, optimizer, generator, out_dir, cfg) if tc.resume \
-        else (0, [])
-    atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    start_step, history = _restore(model, optimizer, generator, out_dir, cfg, par) \
+        if tc.resume else (0, [])
     acc = account(cfg.model, tc.seq_len)
-    writer = SummaryWriter(tc.tb_dir or str(out_dir / "tb"),
-                           purge_step=start_step + 1 if start_step else None)
-    autocast = torch.autocast(device_type=torch.device(tc.device).type, dtype=torch.bfloat16,
+    writer = None
+    if par.is_main:
+        atomic_write_text(out_dir / "config.yaml",
+                          yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        writer = SummaryWriter(tc.tb_dir or str(out_dir / "tb"),
+                               purge_step=start_step + 1 if start_step else None)
+    autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
                               enabled=tc.dtype == "bfloat16")
     val, skipped = {}, 0
+    sequences = tc.batch_size * tc.accumulate * par.world  # per step, all ranks
     bar = tqdm(range(start_step, tc.steps), initial=start_step, total=tc.steps,
-               disable=not progress, dynamic_ncols=True, file=sys.stdout, mininterval=1.0)
+               disable=not (progress and par.is_main), dynamic_ncols=True, file=sys.stdout,
+               mininterval=1.0)
     start = time.perf_counter()
     for step in bar:
         lr = lr_at(step, tc)
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
+        # every rank draws the step's world x accumulate micro-batches, keeps its own
+        batches = [train_stream.sample(tc.batch_size, tc.seq_len, generator)
+                   for _ in range(tc.accumulate * par.world)]
+        mine = batches[par.rank * tc.accumulate:(par.rank + 1) * tc.accumulate]
         lm_loss, per_modality, finite = 0.0, {}, True
-        for _ in range(tc.accumulate):
-            batch = train_stream.sample(tc.batch_size, tc.seq_len, generator).to(tc.device)
+        for batch in mine:
             with autocast:
-                out = model.loss(batch)
-            if not torch.isfinite(out.loss):
-                finite = False
+                out = model.loss(batch.to(device))
+            finite = bool(torch.isfinite(out.loss))
+            if par.enabled:  # all ranks skip the backward together, or none does
+                finite = dist.mean_over_ranks({"finite": float(finite)}, par)["finite"] == 1.0
+            if not finite:
                 break
             (out.loss / tc.accumulate).backward()
             lm_loss += out.lm_loss.item() / tc.accumulate
             for name, value in out.per_modality.items():
                 per_modality[name] = per_modality.get(name, 0.0) + float(value) / tc.accumulate
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or math.inf) \
-            if finite else torch.tensor(float("nan"))
+        if finite:
+            dist.reduce_gradients(model, par)
+            grad_norm = dist.clip_grad_norm(model, tc.grad_clip or math.inf, par)
+        else:
+            grad_norm = torch.tensor(float("nan"))
         if not finite or not torch.isfinite(grad_norm):
             what = "loss" if not finite else "gradient norm"
             if tc.nonfinite == "abort":
@@ -173,42 +271,50 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
             history.append({"step": step + 1, "skipped": what})
             continue
         optimizer.step()
+        dist.sum_expert_load(model, par)
         update_biases(model)
+        if par.enabled:
+            means = dist.mean_over_ranks({"loss": lm_loss, **per_modality}, par)
+            lm_loss = means.pop("loss")
+            per_modality = means
         record = {"step": step + 1, "loss": lm_loss, "lr": lr, "grad_norm": float(grad_norm),
                   **{f"loss/{k}": v for k, v in per_modality.items()}}
         history.append(record)
         done = step + 1
         if done % tc.log_every == 0 or done == tc.steps:
-            tokens = (done - start_step) * tc.batch_size * tc.seq_len * tc.accumulate
-            tokens_per_s = tokens / (time.perf_counter() - start)
-            for key, value in record.items():
-                if key != "step":
-                    writer.add_scalar(f"train/{key}", value, done)
-            writer.add_scalar("train/tokens_per_s", tokens_per_s, done)
-            log_routing(writer, model, done)
+            tokens_per_s = (done - start_step) * sequences * tc.seq_len / \
+                (time.perf_counter() - start)
+            log_routing(writer, model, done, par)
+            if writer is not None:
+                for key, value in record.items():
+                    if key != "step":
+                        writer.add_scalar(f"train/{key}", value, done)
+                writer.add_scalar("train/tokens_per_s", tokens_per_s, done)
             bar.set_postfix_str(" ".join([f"loss {record['loss']:.3f}"] + [
                 f"{k[5:]} {v:.3f}" for k, v in record.items() if k.startswith("loss/")]
                 + [f"{tokens_per_s:,.0f} tok/s"]))
         if done % tc.eval_every == 0 or done == tc.steps:
-            val = evaluate(model, val_stream, tc)
-            for name, value in val.items():
-                writer.add_scalar(f"val/loss/{name}", value, done)
+            val = evaluate(model, val_stream, tc, par)
+            if writer is not None:
+                for name, value in val.items():
+                    writer.add_scalar(f"val/loss/{name}", value, done)
             history.append({"step": done, **{f"val/{k}": v for k, v in val.items()}})
         if done % tc.save_every == 0 or done == tc.steps:
-            save_checkpoint(out_dir, done, {
-                "step": done, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
-                "config": config_to_dict(cfg), "history": history}, tc.keep_checkpoints)
-    writer.close()
+            _save(out_dir, done, model, optimizer, generator, cfg, history, par)
+    if writer is not None:
+        writer.close()
     elapsed = time.perf_counter() - start
     steps_run = max(tc.steps - start_step, 1)
     last = next((r for r in reversed(history) if "loss" in r), {"loss": float("nan")})
     summary = {"steps": tc.steps, "final_train_loss": last["loss"], "val_loss": val,
                "skipped_steps": skipped + sum(1 for r in history[:start_step] if "skipped" in r),
-               "tokens_per_s": steps_run * tc.batch_size * tc.seq_len * tc.accumulate / elapsed,
+               "tokens_per_s": steps_run * sequences * tc.seq_len / elapsed,
+               "processes": par.world, "expert_parallel": par.ep,
                "params": acc.total_params, "active_params": acc.active_params,
                "train_flops_per_token": acc.train_flops_per_token, "history": history}
-    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
+    if par.is_main:
+        atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
+    dist.barrier(par)
     return summary
 
 
@@ -222,8 +328,15 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
     except ValueError as e:
         parser.error(str(e))
-    summary = train(cfg)
-    print(json.dumps({k: v for k, v in summary.items() if k != "history"}))
+    try:
+        summary = train(cfg)
+    except dist.PeerFailure as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:  # a setting that does not fit the launch (e.g. train.ep)
+        parser.error(str(e))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: v for k, v in summary.items() if k != "history"}))
     return 0
 
 

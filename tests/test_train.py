@@ -101,3 +101,12 @@ def test_eval_and_generate_clis_on_a_run(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "experiments.eval", str(tmp_path / "nope")],
                              cwd=ROOT, capture_output=True, text=True)
     assert missing.returncode == 2 and "is not a run directory" in missing.stderr
+
+
+def test_expert_parallel_needs_several_processes(tmp_path):
+    cfg = load_config(DEFAULT_CONFIG, [f"train.out_dir={tmp_path}", "train.ep=2"])
+    with pytest.raises(ValueError, match=r"train.ep \(2\) > 1 needs several processes: launch "
+                                         r"with torchrun --nproc_per_node 2"):
+        train(cfg, progress=False)
+    with pytest.raises(ValueError, match=r"train.timeout \(0\) must be > 0 seconds"):
+        load_config(DEFAULT_CONFIG, ["train.timeout=0"])
