@@ -1,5 +1,8 @@
 """The benchmark baselines compute the same function as the layers they are compared with."""
 
+import json
+
+import pytest
 import torch
 
 from experiments.bench.maskloop import MaskLoopMoTLayer
@@ -32,3 +35,14 @@ def test_mask_loop_baseline_equals_mot_layer():
     g = Grouping.from_ids(modality, M, grouped=True)
     out = layer(g.from_sequence(x), g, rope, mask)
     torch.testing.assert_close(g.to_sequence(out), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_ep_bench_reports_the_minimum_bytes(capsys):
+    from experiments.bench.ep import main
+
+    assert main(["--tokens", "64", "--dim", "32", "--hidden", "48", "--experts", "4",
+                 "--repeats", "1", "--warmup", "0"]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["bytes_over_minimum"] == 1.0 and last["backward_bytes_over_minimum"] == 1.0
+    assert last["ep_over_one_process"] > 0

@@ -197,3 +197,25 @@ def test_backbone_with_sharded_experts_equals_one_process(layers):
         _close(loss, loss_ref)
         for name, (got, want) in grads.items():
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _gathered_stats():
+    from experiments.distributed import Parallel, sum_over_ranks
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    block = _block("capacity")
+    shard_experts(block)
+    _run(block, rank)
+    gathered = sum_over_ranks(collect(block), Parallel(rank=rank, world=world))
+    reference = _block("capacity")
+    for r in range(world):  # one process sees both ranks' batches, one call each
+        _run(reference, r)
+    return gathered[""], collect(reference)[""]
+
+
+def test_routing_statistics_are_gathered_over_ranks():
+    for gathered, reference in spawn(_gathered_stats, 2):
+        assert gathered.keys() == reference.keys()
+        for key in reference:
+            _close(gathered[key], reference[key])
+        assert reference["dropped"] > 0 and reference["modality_tokens"].shape == (2, 4)

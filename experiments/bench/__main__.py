@@ -4,7 +4,8 @@ import importlib
 import sys
 
 BENCHES = {"mot": "experiments.bench.mot", "moe": "experiments.bench.moe",
-           "ops": "experiments.bench.ops", "train": "experiments.bench.train"}
+           "ops": "experiments.bench.ops", "train": "experiments.bench.train",
+           "ep": "experiments.bench.ep"}
 
 
 def main() -> int:
