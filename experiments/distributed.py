@@ -40,6 +40,7 @@ class Parallel:
     timeout: float = 300.0
     ep_group: object = None
     dp_group: object = None
+    device: str = "cpu"  # where small collective tensors live: cuda under NCCL
 
     @property
     def dp(self) -> int:
@@ -83,7 +84,8 @@ def grid(ep: int, timeout: float = 300.0) -> Parallel:
     if ep < 1 or world % ep:
         raise ValueError(f"train.ep ({ep}) must be >= 1 and divide the number of processes "
                          f"({world})")
-    par = Parallel(rank=rank, world=world, ep=ep, timeout=timeout)
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    par = Parallel(rank=rank, world=world, ep=ep, timeout=timeout, device=device)
     for d in range(world // ep):  # every rank creates every group, in the same order
         group = dist.new_group(list(range(d * ep, (d + 1) * ep)))
         if d == rank // ep:
@@ -134,7 +136,8 @@ def reduce_gradients(model: nn.Module, par: Parallel) -> None:
                            (par.dp_group, [p for p in params if id(p) in experts])):
         if not members:
             continue
-        has = torch.tensor([p.grad is not None for p in members], dtype=torch.int32)
+        has = torch.tensor([p.grad is not None for p in members], dtype=torch.int32,
+                           device=par.device)
         dist.all_reduce(has, op=dist.ReduceOp.MAX, group=group)
         members = [p for p, h in zip(members, has.tolist()) if h]
         for p in members:
@@ -157,10 +160,10 @@ def clip_grad_norm(model: nn.Module, max_norm: float, par: Parallel) -> torch.Te
 
     experts = is_expert_parameter(model)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
+    zero = torch.zeros((), device=par.device)
     shared = sum((g.float().pow(2).sum() for p, g in _with_grads(model) if id(p) not in experts),
-                 torch.zeros(()))
-    local = sum((g.float().pow(2).sum() for p, g in _with_grads(model) if id(p) in experts),
-                torch.zeros(()))
+                 zero)
+    local = sum((g.float().pow(2).sum() for p, g in _with_grads(model) if id(p) in experts), zero)
     if par.ep > 1:
         dist.all_reduce(local, group=par.ep_group)
     norm = (shared + local).sqrt()
@@ -182,7 +185,7 @@ def mean_over_ranks(values: dict[str, float], par: Parallel) -> dict[str, float]
     if not par.enabled or not values:
         return values
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=par.device)
     dist.all_reduce(t)
     return dict(zip(keys, (t / par.world).tolist()))
 
@@ -208,7 +211,7 @@ def sum_counts(counts: dict[str, int], par: Parallel) -> dict[str, int]:
     if not par.enabled or not counts:
         return counts
     keys = sorted(counts)
-    t = torch.tensor([counts[k] for k in keys], dtype=torch.int64)
+    t = torch.tensor([counts[k] for k in keys], dtype=torch.int64, device=par.device)
     dist.all_reduce(t)
     return dict(zip(keys, t.tolist()))
 
