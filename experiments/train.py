@@ -98,12 +98,13 @@ def evaluate(model: MultimodalTransformer, stream: TokenStream, cfg: TrainConfig
 
 
 def log_routing(writer, model: MultimodalTransformer, step: int,
-                par: dist.Parallel | None = None) -> dict:
+                par: dist.Parallel | None = None, steps: int = 1) -> dict:
     """Write each routed block's metrics since the last call to TensorBoard (token shares per
     modality or expert, load CV, drop fraction, router entropy, modality x expert shares), e.g.
     `routing/layers.0.ffn/tokens/image`, then reset the counters. In a multi-process run the
     counters of all ranks are added up first (every rank calls this; rank 0 writes), and the
-    expert-parallel bytes sent are logged under `comm/`."""
+    expert-parallel bytes sent per step (over the `steps` since the last call, all ranks) are
+    logged under `comm/`: payload forward and backward, its analytic minimum, metadata."""
     par = par or dist.Parallel()
     names = dict(model.named_modules())
     modalities = model.cfg.modality_names
@@ -112,7 +113,7 @@ def log_routing(writer, model: MultimodalTransformer, step: int,
     if writer is None:
         return stats
     for key, value in comm.items():
-        writer.add_scalar(f"comm/{key}", value, step)
+        writer.add_scalar(f"comm/{key}_per_step", value / steps, step)
     for layer, counters in stats.items():
         by_modality = getattr(names[layer], "modality_indexed", False)
         metrics = summarize(counters, modalities if by_modality else None, modalities)
@@ -234,6 +235,7 @@ def _train(cfg: RunConfig, par: dist.Parallel, progress: bool) -> dict:
                disable=not (progress and par.is_main), dynamic_ncols=True, file=sys.stdout,
                mininterval=1.0)
     start = time.perf_counter()
+    last_log = start_step
     for step in bar:
         lr = lr_at(step, tc)
         for group in optimizer.param_groups:
@@ -284,7 +286,8 @@ def _train(cfg: RunConfig, par: dist.Parallel, progress: bool) -> dict:
         if done % tc.log_every == 0 or done == tc.steps:
             tokens_per_s = (done - start_step) * sequences * tc.seq_len / \
                 (time.perf_counter() - start)
-            log_routing(writer, model, done, par)
+            log_routing(writer, model, done, par, done - last_log)
+            last_log = done
             if writer is not None:
                 for key, value in record.items():
                     if key != "step":
