@@ -5,7 +5,7 @@ import sys
 
 BENCHES = {"mot": "experiments.bench.mot", "moe": "experiments.bench.moe",
            "ops": "experiments.bench.ops", "train": "experiments.bench.train",
-           "ep": "experiments.bench.ep"}
+           "ep": "experiments.bench.ep", "data": "experiments.bench.data"}
 
 
 def main() -> int:
