@@ -85,7 +85,8 @@ class DataConfig:
     """name: the token stream: "synthetic" (a generated text+image stream) or "digits" (real
     handwritten digits with captions, arithmetic and prose; see experiments/data/digits.py).
     mix: digits document kinds and their ratios; cache_dir: where built corpora and trained
-    tokenizers are kept; text_vocab: BPE vocabulary size; vq_steps: VQ-VAE training steps."""
+    tokenizers are kept; text_vocab: BPE vocabulary size; vq_steps, audio_vq_steps: training
+    steps of the image VQ-VAE and of the audio VQ (audio kinds need espeak-ng)."""
 
     name: str = "synthetic"
     num_tokens: int = 200_000
@@ -95,6 +96,7 @@ class DataConfig:
     cache_dir: str = "runs/cache"
     text_vocab: int = 512
     vq_steps: int = 1500
+    audio_vq_steps: int = 600
 
     def __post_init__(self):
         from experiments.data import DATASETS
@@ -103,13 +105,14 @@ class DataConfig:
         check_positive("data.num_tokens", self.num_tokens)
         check(0 < self.val_fraction < 0.5, f"data.val_fraction ({self.val_fraction}) must be "
                                            "in (0, 0.5)")
-        kinds = ("caption_image", "image_caption", "arithmetic", "prose")
+        from experiments.data.digits import KINDS as kinds
         check(isinstance(self.mix, dict) and set(self.mix) <= set(kinds)
               and all(isinstance(v, (int, float)) and v >= 0 for v in self.mix.values())
               and sum(self.mix.values()) > 0,
               f"data.mix ({self.mix!r}) must map some of {list(kinds)} to ratios >= 0, not all 0")
         check_positive("data.text_vocab", self.text_vocab)
         check_positive("data.vq_steps", self.vq_steps)
+        check_positive("data.audio_vq_steps", self.audio_vq_steps)
 
     @property
     def cache_path(self) -> Path:

@@ -2,8 +2,8 @@
 the digits corpus the task metrics of `experiments.metrics` on validation images: captioning
 accuracy and generation accuracy (generated images decoded by the VQ decoder and classified by a
 logistic regression trained on the real train-split digits, whose own validation accuracy is
-reported beside it as the ceiling). Transcription accuracy needs an audio modality, which the
-built-in corpora do not have yet; it is reported as null.
+reported beside it as the ceiling), and, when the corpus has audio, transcription accuracy on
+the validation clips (null otherwise).
 
     python -m experiments.eval RUN_DIR [--batches 16] [--images 50] [--samples 3]
 
@@ -109,7 +109,25 @@ def digits_metrics(model, cfg, stream, n_images: int, samples: int, seed: int) -
 
     generation_acc = generation_accuracy(generate_image, classify, samples)
     return {"caption_accuracy": caption_acc, "generation_accuracy": generation_acc,
-            "classifier_accuracy": ceiling, "transcription_accuracy": None}
+            "classifier_accuracy": ceiling,
+            "transcription_accuracy": transcription(model, cfg, stream, text_tok, n_images)}
+
+
+def transcription(model, cfg, stream, text_tok, n_clips: int) -> float | None:
+    """Accuracy of picking the spoken digit's transcripts for validation clips (None without
+    audio)."""
+    if "audio" not in stream.modalities:
+        return None
+    from experiments.data.digits import TRANSCRIPTS, cache_folder, fill
+    from experiments.metrics import caption_accuracy, continuation_logprobs
+
+    clips = stream.meta["clips"]["val"][:n_clips]
+    codes = torch.load(cache_folder(cfg.data) / "audio_codes.pt", weights_only=True)
+    labels = [stream.meta["clip_labels"][c] for c in clips]
+    transcripts = {d: [text_tok.encode(fill(t, d)) for t in TRANSCRIPTS] for d in range(10)}
+    return caption_accuracy(lambda p, c: continuation_logprobs(model, p, c),
+                            [codes[c].tolist() for c in clips], labels, transcripts.__getitem__,
+                            stream.specials, span=("boa", "eoa", stream.modalities.index("audio")))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ checked on hand-built cases:
   (summed over the caption templates) the image's label?
 - generation accuracy: given a caption of digit d, does the image the model generates, decoded
   by the VQ decoder, get classified as d by a classifier trained on real digits?
+- transcription accuracy: given a spoken digit (audio codes), is the digit whose transcripts the
+  model finds most likely the spoken one? (`caption_accuracy` with the audio span markers)
 """
 
 from __future__ import annotations
@@ -38,14 +40,17 @@ def continuation_logprobs(model, prefix: list[tuple[int, int]],
 
 def caption_accuracy(score: Callable[[list, list], torch.Tensor], images: Sequence[list[int]],
                      labels: Sequence[int], captions: Callable[[int], list[list[int]]],
-                     specials: dict[str, int], eos: bool = True) -> float:
-    """score(prefix, continuations) -> log-probs; images: code ids per image; captions(d): the
-    token ids of every caption of digit d. A digit's score is the log-sum-exp over its
-    captions (each followed by <eos>)."""
+                     specials: dict[str, int], eos: bool = True,
+                     span: tuple[str, str, int] = ("boi", "eoi", 1)) -> float:
+    """score(prefix, continuations) -> log-probs; images: code ids per image (or per clip);
+    captions(d): the token ids of every caption of digit d. A digit's score is the log-sum-exp
+    over its captions (each followed by <eos>). span: the (begin, end) special names and the
+    modality id of the codes (audio: ("boa", "eoa", audio id))."""
+    begin, end, m = span
     correct = 0
     for codes, label in zip(images, labels):
-        prefix = [(specials["bos"], 0), (specials["boi"], 0)] + [(c, 1) for c in codes] \
-            + [(specials["eoi"], 0)]
+        prefix = [(specials["bos"], 0), (specials[begin], 0)] + [(c, m) for c in codes] \
+            + [(specials[end], 0)]
         per_digit = []
         for d in range(10):
             cands = [[(t, 0) for t in cap] + ([(specials["eos"], 0)] if eos else [])

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<boi>", "<eoi>", "<boa>", "<eoa>"]
+EXTRA_SPECIALS = ["<bov>", "<eov>"]  # begin/end of video, added when a corpus has video
 
 
 class BPETokenizer:
@@ -18,20 +19,23 @@ class BPETokenizer:
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self.specials = {name.strip("<>"): self.tokenizer.token_to_id(name)
-                         for name in SPECIAL_TOKENS}
+        names = SPECIAL_TOKENS + EXTRA_SPECIALS
+        self.specials = {name.strip("<>"): self.tokenizer.token_to_id(name) for name in names
+                         if self.tokenizer.token_to_id(name) is not None}
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int = 512) -> BPETokenizer:
+    def train(cls, texts: Iterable[str], vocab_size: int = 512,
+              extra_specials: Iterable[str] = ()) -> BPETokenizer:
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-        if vocab_size < len(SPECIAL_TOKENS) + 256:
+        specials = SPECIAL_TOKENS + [s for s in extra_specials if s not in SPECIAL_TOKENS]
+        if vocab_size < len(specials) + 256:
             raise ValueError(f"text vocab_size ({vocab_size}) must be >= "
-                             f"{len(SPECIAL_TOKENS) + 256} (specials + 256 bytes)")
+                             f"{len(specials) + 256} (specials + 256 bytes)")
         tokenizer = Tokenizer(models.BPE())
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tokenizer.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                       show_progress=False)
         tokenizer.train_from_iterator(texts, trainer=trainer)

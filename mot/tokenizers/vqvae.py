@@ -61,8 +61,7 @@ class VQVAE(nn.Module):
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, H, W) in [0, max_value] -> z_e (B, h, w, D)."""
-        x = images[:, None].float() / self.cfg.max_value * 2 - 1
-        return self.encoder(x).permute(0, 2, 3, 1)
+        return self.encoder(self.normalize(images)[:, None]).permute(0, 2, 3, 1)
 
     def codes(self, z_e: torch.Tensor) -> torch.Tensor:
         """Nearest codebook entry of each vector: (..., D) -> (...) int64."""
@@ -73,8 +72,18 @@ class VQVAE(nn.Module):
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (B, h, w) -> images (B, H, W) in [0, max_value]."""
-        z = self.codebook[codes].permute(0, 3, 1, 2)
-        return (self.decoder(z)[:, 0] + 1) / 2 * self.cfg.max_value
+        return self.denormalize(self.decode_latent(self.codebook[codes]))
+
+    def decode_latent(self, z: torch.Tensor) -> torch.Tensor:
+        """Quantised latents (B, h, w, D) -> reconstruction in the encoder's input scale."""
+        return self.decoder(z.permute(0, 3, 1, 2))[:, 0]
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """Inputs -> the scale the decoder reconstructs ([-1, 1] for pixels)."""
+        return images.float() / self.cfg.max_value * 2 - 1
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x + 1) / 2 * self.cfg.max_value
 
     def forward(self, images: torch.Tensor):
         """-> (reconstruction (B, H, W), codes (B, h, w), loss)."""
@@ -89,9 +98,9 @@ class VQVAE(nn.Module):
         if self.training:
             self._restart_dead(z_e.detach(), codes)
         z_q = z_e + (e - z_e).detach()  # straight-through to the encoder
-        x_hat = self.decoder(z_q.permute(0, 3, 1, 2))[:, 0]
-        target = images.float() / self.cfg.max_value * 2 - 1
-        return (x_hat + 1) / 2 * self.cfg.max_value, codes, loss + F.mse_loss(x_hat, target)
+        x_hat = self.decode_latent(z_q)
+        loss = loss + F.mse_loss(x_hat, self.normalize(images))
+        return self.denormalize(x_hat), codes, loss
 
     @torch.no_grad()
     def _ema_update(self, z_e, codes):
@@ -122,12 +131,13 @@ class VQVAE(nn.Module):
 
 
 def train_vqvae(images: torch.Tensor, cfg: VQVAEConfig, steps: int = 1500, batch_size: int = 128,
-                lr: float = 2e-3, seed: int = 0) -> VQVAE:
-    """Train on images (N, H, W) in [0, max_value]; deterministic for a seed."""
-    if images.dim() != 3 or images.shape[1] % 2 or images.shape[2] % 2:
+                lr: float = 2e-3, seed: int = 0, model_class=None) -> VQVAE:
+    """Train on images (N, H, W) in [0, max_value] (or whatever `model_class`, a VQVAE subclass,
+    encodes); deterministic for a seed."""
+    if model_class is None and (images.dim() != 3 or images.shape[1] % 2 or images.shape[2] % 2):
         raise ValueError(f"images must be (N, H, W) with even H and W, got {tuple(images.shape)}")
     torch.manual_seed(seed)
-    model = VQVAE(cfg)
+    model = (model_class or VQVAE)(cfg)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     for step in range(steps):
