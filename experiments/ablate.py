@@ -4,7 +4,10 @@
         [--out runs/ablation] [--seeds N] [key=value ...]
 
 The grid file names a base run preset, a reference variant and its number of steps, and the
-variants as dotted overrides of the base. Compute matching ("match: flops"): every variant gets
+variants as dotted overrides of the base. A variant may also say `match_params: OTHER`: its
+`model.ffn_hidden` is then sized (in multiples of 8) so that its total parameters come as close
+as possible to variant OTHER's, e.g. a dense baseline as large as MoT in parameters (the sizing
+is printed and written into the results). Compute matching ("match: flops"): every variant gets
 the reference's training FLOPs (active FLOPs per token x tokens), so its steps are
     steps_v = round(steps_ref * flops_per_token_ref / flops_per_token_v)
 at the same batch and sequence length ("match: steps" trains every variant the same steps).
@@ -29,6 +32,7 @@ import statistics
 import sys
 from pathlib import Path
 
+import torch
 import yaml
 
 from experiments.checkpoint import atomic_write_bytes, atomic_write_text
@@ -62,17 +66,54 @@ def overrides_of(variant: dict) -> list[str]:
             .strip() for k, v in (variant or {}).items()]
 
 
+def _params(base: str, overrides: list[str]) -> int:
+    cfg = load_config(base, overrides)
+    return account(cfg.model, cfg.train.seq_len).total_params
+
+
+def size_to_params(base: str, overrides: list[str], target: int) -> tuple[int, int]:
+    """The model.ffn_hidden (a multiple of 8) whose total parameters are closest to `target`,
+    and that count. Parameters grow with ffn_hidden, so a bisection finds the crossing."""
+    lo, hi = 1, 1
+    while _params(base, overrides + [f"model.ffn_hidden={8 * hi}"]) < target:
+        lo, hi = hi, hi * 2
+        check(hi <= 1 << 16, f"match_params: no model.ffn_hidden reaches {target} parameters")
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if _params(base, overrides + [f"model.ffn_hidden={8 * mid}"]) < target:
+            lo = mid
+        else:
+            hi = mid
+    best = min((lo, hi), key=lambda u: abs(_params(base, overrides + [
+        f"model.ffn_hidden={8 * u}"]) - target))
+    return 8 * best, _params(base, overrides + [f"model.ffn_hidden={8 * best}"])
+
+
 def plan(grid: dict, extra: list[str]) -> dict[str, dict]:
     """Per variant: its config overrides, FLOPs per token, parameters and matched steps."""
     plans = {}
-    for name, variant in grid["variants"].items():
+    variants = grid["variants"]
+    for name, variant in variants.items():
+        variant = dict(variant or {})
+        like = variant.pop("match_params", None)
         overrides = overrides_of(variant) + list(extra)
-        cfg = load_config(grid["base"], overrides)
-        plans[name] = {"overrides": overrides, "cfg": cfg}
+        plans[name] = {"overrides": overrides, "match_params": like}
+    for name, p in plans.items():
+        like = p["match_params"]
+        if like is not None:
+            check(like in plans and plans[like]["match_params"] is None and like != name,
+                  f"variants.{name}.match_params ({like!r}) must name another variant "
+                  f"without match_params: one of {[n for n in plans if n != name]}")
+            target = _params(grid["base"], plans[like]["overrides"])
+            hidden, got = size_to_params(grid["base"], p["overrides"], target)
+            p["overrides"] = p["overrides"] + [f"model.ffn_hidden={hidden}"]
+            p["sized"] = (f"model.ffn_hidden={hidden}: {got / 1e6:.3f}M parameters for "
+                          f"{like}'s {target / 1e6:.3f}M")
+        p["cfg"] = load_config(grid["base"], p["overrides"])
     ref_cfg = plans[grid["reference"]]["cfg"]
     stream = build_stream(ref_cfg.data)
-    image_share = float(stream.modality.float().mean())
-    fractions = {"text": 1 - image_share, "image": image_share}
+    counts = torch.bincount(stream.modality, minlength=len(stream.modalities)).double()
+    fractions = dict(zip(stream.modalities, (counts / counts.sum()).tolist()))
     for p in plans.values():
         cfg = p["cfg"]
         acc = account(cfg.model, cfg.train.seq_len, fractions)
@@ -167,7 +208,8 @@ def ablate(grid: dict, out: Path, seeds: int, extra: list[str], eval_points: int
     for name, p in plans.items():
         p["cfg_path"] = grid["base"]
         print(f"== {name}: {p['steps']} steps, {p['flops_per_token'] / 1e6:.2f} MFLOP/token, "
-              f"{p['params'] / 1e6:.2f}M params ({p['active_params'] / 1e6:.2f}M active)")
+              f"{p['params'] / 1e6:.2f}M params ({p['active_params'] / 1e6:.2f}M active)"
+              + (f"; sized {p['sized']}" if "sized" in p else ""))
         summaries[name] = [run_variant(name, p, seed, out, eval_points) for seed in range(seeds)]
     modalities = plans[ref]["cfg"].model.modality_names
     # the reference's best validation loss (its final one unless it overfits late in training)
@@ -190,7 +232,9 @@ def ablate(grid: dict, out: Path, seeds: int, extra: list[str], eval_points: int
                 reached * p["flops_per_token"] * p["tokens_per_step"] / plans[ref]["train_flops"])
         row |= task_metrics(out / "runs" / f"{name}-s0", p["cfg"], images, samples)
         rows.append(row)
-    write_results(out, rows, targets, grid, seeds)
+    sizing = [f"- `{name}` sized to match parameters: {p['sized']}" for name, p in plans.items()
+              if "sized" in p]
+    write_results(out, rows, targets, grid, seeds, sizing)
     write_plots(out, summaries, plans, list(targets))
     return rows
 
@@ -203,7 +247,8 @@ def _fmt(value, digits=3) -> str:
     return str(value)
 
 
-def write_results(out: Path, rows: list[dict], targets: dict, grid: dict, seeds: int) -> None:
+def write_results(out: Path, rows: list[dict], targets: dict, grid: dict, seeds: int,
+                  notes: list[str] = ()) -> None:
     columns = list(dict.fromkeys(k for row in rows for k in row))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns)
@@ -244,6 +289,8 @@ def write_results(out: Path, rows: list[dict], targets: dict, grid: dict, seeds:
                 if row is not ref_row and gap <= noise:
                     lines.append(f"- {row['variant']} vs {ref} on {m}: the difference "
                                  f"({gap:.3f}) is within the seed spread ({noise:.3f})")
+    if notes:
+        lines += [""] + list(notes)
     lines.append("\n![validation loss curves](loss_curves.png)\n")
     atomic_write_text(out / "results.md", "\n".join(lines))
 

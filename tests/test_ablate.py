@@ -95,3 +95,25 @@ def test_changed_variant_is_not_mistaken_for_a_finished_one(tmp_path):
     grid["variants"]["mot"] = {"model.layers": "mot", "model.blocks.mot": {"untie": "ffn"}}
     with pytest.raises(ValueError, match="was trained with another model config"):
         ablate(grid, tmp_path, seeds=1, extra=TINY, eval_points=2)
+
+
+def test_match_params_sizes_the_ffn_to_the_closest_parameter_count():
+    from experiments.ablate import _params
+
+    grid = load_grid(GRIDS / "smoke.yaml")
+    grid["variants"]["dense_as_mot"] = {"model.layers": "dense", "match_params": "mot"}
+    plans = plan(grid, TINY)
+    target = plans["mot"]["params"]
+    sized = plans["dense_as_mot"]
+    hidden = sized["cfg"].model.ffn_hidden
+    assert hidden % 8 == 0 and sized["params"] > plans["dense"]["params"]
+    base = sized["overrides"][:-1]  # without the chosen ffn_hidden
+    miss = abs(sized["params"] - target)
+    for neighbour in (hidden - 8, hidden + 8):  # no other multiple of 8 comes closer
+        assert abs(_params(grid["base"], base + [f"model.ffn_hidden={neighbour}"]) - target) \
+            >= miss
+    assert f"model.ffn_hidden={hidden}" in sized["sized"]
+    grid["variants"]["dense_as_mot"]["match_params"] = "nope"
+    with pytest.raises(ValueError, match=r"variants.dense_as_mot.match_params \('nope'\) must "
+                                         r"name another variant"):
+        plan(grid, TINY)
