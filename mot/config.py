@@ -32,19 +32,56 @@ def check_non_negative(name: str, value: Any) -> None:
           f"{name} ({value!r}) must be >= 0")
 
 
+INPUTS = ("discrete", "continuous")
+LOSSES = {"discrete": ("softmax",), "continuous": ("none", "regression")}
+
+
 @dataclass
 class ModalitySpec:
-    """One modality: its name, vocabulary size (ids are local to the modality) and loss weight."""
+    """One modality: its name, vocabulary size (ids are local to the modality) and loss weight.
+
+    input: "discrete" (each position carries a token id of the vocabulary) or "continuous"
+        (each position carries a feature vector of `feature_dim` floats, embedded by a linear
+        map; its token id is ignored, and the modality has no vocabulary rows and no softmax head).
+    loss: what the positions that predict this modality are scored with: "softmax" (discrete,
+        the default), "none" (continuous default: not scored) or "regression" (continuous: a
+        linear head predicts the next position's features, mean-squared error).
+    """
 
     name: str
     vocab_size: int
     loss_weight: float = 1.0
+    input: str = "discrete"
+    feature_dim: int | None = None
+    loss: str | None = None  # None: the input's default (see `objective`)
 
     def __post_init__(self):
         check(isinstance(self.name, str) and self.name.isidentifier(),
               f"modality name ({self.name!r}) must be a non-empty identifier")
-        check_positive(f"modalities.{self.name}.vocab_size", self.vocab_size)
-        check_non_negative(f"modalities.{self.name}.loss_weight", self.loss_weight)
+        where = f"modalities.{self.name}"
+        check_positive(f"{where}.vocab_size", self.vocab_size)
+        check_non_negative(f"{where}.loss_weight", self.loss_weight)
+        check(self.input in INPUTS, f"{where}.input ({self.input!r}) must be one of {list(INPUTS)}")
+        if self.continuous:
+            check(self.feature_dim is not None, f"{where}.feature_dim is required when "
+                                                f"{where}.input is 'continuous'")
+            check_positive(f"{where}.feature_dim", self.feature_dim)
+        else:
+            check(self.feature_dim is None, f"{where}.feature_dim ({self.feature_dim!r}) is only "
+                                            f"for input 'continuous'; {where}.input is "
+                                            f"{self.input!r}")
+        valid = LOSSES[self.input]
+        check(self.loss is None or self.loss in valid,
+              f"{where}.loss ({self.loss!r}) must be one of {list(valid)} for input {self.input!r}")
+
+    @property
+    def continuous(self) -> bool:
+        return self.input == "continuous"
+
+    @property
+    def objective(self) -> str:
+        """The loss with its default resolved: "softmax", "none" or "regression"."""
+        return self.loss or LOSSES[self.input][0]
 
 
 ATTENTION_BACKENDS = ("sdpa", "reference", "flash")
@@ -82,6 +119,55 @@ class AttentionConfig:
               "'flash' (varlen kernels are causal or fully bidirectional); use 'sdpa'")
 
 
+FUSIONS = ("early", "late")
+
+
+@dataclass
+class LateEncoderConfig:
+    """The modality encoder of late fusion (`ModelConfig.fusion: late`, see `mot.fusion`).
+
+    A small dense causal transformer of its own width that embeds the tokens of `modalities`
+    with its own tables (or linear maps, for continuous input), runs over each contiguous span of
+    one such modality separately, and is projected to the backbone width.
+    layers: its depth; dim / heads / ffn_hidden: its width (None: the backbone's dim, n_heads,
+    and the LLaMA hidden size of `dim`); modalities: the modalities it encodes.
+    """
+
+    layers: int = 2
+    dim: int | None = None
+    heads: int | None = None
+    ffn_hidden: int | None = None
+    modalities: list[str] = field(default_factory=lambda: ["image"])
+
+    def __post_init__(self):
+        check_positive("late_encoder.layers", self.layers)
+        for key in ("dim", "heads", "ffn_hidden"):
+            if getattr(self, key) is not None:
+                check_positive(f"late_encoder.{key}", getattr(self, key))
+        check(isinstance(self.modalities, list) and len(self.modalities) > 0
+              and len(set(self.modalities)) == len(self.modalities),
+              f"late_encoder.modalities ({self.modalities!r}) must be a non-empty list of "
+              "distinct modality names")
+
+    def validate_for(self, model: ModelConfig) -> None:
+        """Checks against the backbone; run only when `model.fusion` is "late"."""
+        names = model.modality_names
+        for name in self.modalities:
+            check(name in names, f"late_encoder.modalities: unknown modality {name!r}; "
+                                 f"valid: {names}")
+        dim, heads = self.width(model), self.num_heads(model)
+        check(dim % heads == 0, f"late_encoder.heads ({heads}) must divide late_encoder.dim "
+                                f"({dim})")
+        check((dim // heads) % 2 == 0, f"late_encoder.dim / late_encoder.heads ({dim // heads}) "
+                                       "must be even for RoPE")
+
+    def width(self, model: ModelConfig) -> int:
+        return self.dim or model.dim
+
+    def num_heads(self, model: ModelConfig) -> int:
+        return self.heads or model.n_heads
+
+
 def default_modalities() -> list[ModalitySpec]:
     return [ModalitySpec("text", 256), ModalitySpec("image", 256)]
 
@@ -95,6 +181,9 @@ class ModelConfig:
     norm_reorder: Chameleon's ordering `h = x + norm(f(x))` instead of pre-norm `x + f(norm(x))`.
     z_loss: coefficient of the LM z-loss `mean(logsumexp(logits)^2)` (Chameleon uses 1e-5).
     freeze: modalities whose own parameters stay fixed in training (see `mot.freeze`).
+    fusion: "early" (every token enters the backbone through its embedding) or "late" (the
+        tokens of `late_encoder.modalities` first run through a separate encoder whose outputs
+        are projected in as their input embeddings; see `mot.fusion`).
     """
 
     modalities: list[ModalitySpec] = field(default_factory=default_modalities)
@@ -116,6 +205,8 @@ class ModelConfig:
     layers: str = "dense"
     blocks: dict[str, Any] = field(default_factory=dict)
     freeze: list[str] = field(default_factory=list)
+    fusion: str = "early"
+    late_encoder: LateEncoderConfig = field(default_factory=LateEncoderConfig)
 
     def __post_init__(self):
         from mot.blocks import block_config  # the registry lives beside the blocks
@@ -126,6 +217,9 @@ class ModelConfig:
                            for m in self.modalities]
         names = [m.name for m in self.modalities]
         check(len(set(names)) == len(names), f"modalities names ({names}) must be unique")
+        check(any(not m.continuous for m in self.modalities),
+              "modalities: at least one modality must have input 'discrete' (generation and the "
+              "token loss need a vocabulary)")
         if isinstance(self.attention, dict):
             self.attention = AttentionConfig(**self.attention)
         for name in self.attention.bidirectional_modalities:
@@ -163,6 +257,11 @@ class ModelConfig:
                 self.blocks[kind] = block_config(kind, {})
         for cfg in self.blocks.values():
             cfg.validate_for(self)
+        check(self.fusion in FUSIONS, f"fusion ({self.fusion!r}) must be one of {list(FUSIONS)}")
+        if isinstance(self.late_encoder, dict):
+            self.late_encoder = LateEncoderConfig(**self.late_encoder)
+        if self.fusion == "late":
+            self.late_encoder.validate_for(self)
 
     @property
     def head_dim(self) -> int:
@@ -181,6 +280,12 @@ class ModelConfig:
         kinds = [k.strip() for k in self.layers.split(",")] if isinstance(self.layers, str) \
             else list(self.layers)
         return kinds
+
+    @property
+    def feature_width(self) -> int:
+        """F of the (B, T, F) features a batch carries: the widest continuous modality's
+        feature_dim (each continuous modality reads its first feature_dim columns); 0 if none."""
+        return max((m.feature_dim for m in self.modalities if m.continuous), default=0)
 
     def layer_block(self, i: int):
         """The block config of layer `i`."""

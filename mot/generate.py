@@ -7,6 +7,10 @@ step produces, decided by a small grammar of begin markers and span lengths.
 Text (modality `text`) is sampled until a begin marker (a text token such as begin-of-image);
 then exactly `length[m]` tokens of modality m follow, sampled with m's head; then text again (so
 an end marker such as end-of-image is predicted by the text head, like any text token).
+
+A continuous modality (`input: continuous`) can be in the prompt, with its feature vectors
+(understanding: image -> caption), but has no softmax head to sample its span from: generation
+that reaches such a span raises `ValueError`.
 """
 
 from __future__ import annotations
@@ -14,8 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-
-from mot.attention import KVCache
 
 
 @dataclass
@@ -67,21 +69,35 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int | None,
     return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
 
 
+def check_sampleable(model, m: int) -> None:
+    """ValueError when the next token would be of a continuous modality."""
+    spec = model.cfg.modalities[m]
+    if spec.continuous:
+        raise ValueError(f"generation would have to sample a span of modality {spec.name!r}, "
+                         "whose input is 'continuous': it has no softmax head to sample from; "
+                         "give its features in the prompt instead (e.g. image -> caption)")
+
+
 @torch.no_grad()
 def generate(model, tokens: torch.Tensor, modality: torch.Tensor, max_new: int,
              grammar: SpanGrammar, temperature: float = 1.0, top_k: int | None = None,
-             generator: torch.Generator | None = None, stop: int | None = None):
-    """Continue one prompt (tokens, modality: (T,) or (1, T)) by up to `max_new` tokens, stopping
-    after the text token `stop`. Returns (tokens, modality) of prompt + continuation, (1, T')."""
+             generator: torch.Generator | None = None, stop: int | None = None,
+             features: torch.Tensor | None = None):
+    """Continue one prompt (tokens, modality: (T,) or (1, T); features: (T, F) or (1, T, F), needed
+    when the prompt holds a continuous modality) by up to `max_new` tokens, stopping after the
+    text token `stop`. Returns (tokens, modality) of prompt + continuation, (1, T')."""
     model.eval()
     tokens, modality = tokens.reshape(1, -1), modality.reshape(1, -1)
     if tokens.shape[1] == 0:
         raise ValueError("generate needs a prompt of at least one token")
+    if features is not None:
+        features = features.reshape(1, tokens.shape[1], -1)
     m, left = grammar.start(tokens[0].tolist(), modality[0].tolist())
-    cache = KVCache(len(model.layers))
-    hidden = model(tokens, modality, cache=cache)[0, -1]  # (D,)
+    cache = model.new_cache()
+    hidden = model(tokens, modality, cache=cache, features=features)[0, -1]  # (D,)
     out_tokens, out_modality = tokens[0].tolist(), modality[0].tolist()
     for _ in range(max_new):
+        check_sampleable(model, m)
         token = sample(model.heads(hidden, m), temperature, top_k, generator)
         out_tokens.append(token)
         out_modality.append(m)

@@ -1,4 +1,5 @@
-"""Token streams for training: an interleaved multimodal stream of (token, modality, doc) ids.
+"""Token streams for training: an interleaved multimodal stream of (token, modality, doc) ids,
+optionally with a feature vector per position (the input of continuous modalities).
 
 `build_stream(data_cfg)` returns a `TokenStream`; each stream names its modalities and their
 vocabulary sizes, so a model config that does not fit the data is rejected before training.
@@ -22,7 +23,10 @@ from mot.model import Batch
 class TokenStream:
     """tokens, modality, doc: (N,) int64 tensors; vocab: modality name -> vocabulary size;
     modalities: names in modality-id order; specials: named special tokens (text vocabulary);
-    spans: special token name -> (modality, length) of the span it opens (e.g. an image)."""
+    spans: special token name -> (modality, length) of the span it opens (e.g. an image);
+    features: optional (N, F) float feature vectors aligned with `tokens` (zeros where a position
+    has none; float16 and memory-mapped when loaded from the packed format), which a model reads
+    at the positions of its continuous modalities."""
 
     tokens: torch.Tensor
     modality: torch.Tensor
@@ -33,11 +37,24 @@ class TokenStream:
     spans: dict[str, tuple[str, int]] = field(default_factory=dict)
     split_at: int | None = None  # where validation starts (None: split by val_fraction)
     meta: dict = field(default_factory=dict)
+    features: torch.Tensor | None = None
+
+    def __post_init__(self):
+        check(self.features is None or (self.features.dim() == 2
+                                        and len(self.features) == len(self.tokens)),
+              f"features {None if self.features is None else tuple(self.features.shape)} must "
+              f"be (N, F) with N = {len(self.tokens)} tokens")
+
+    @property
+    def feature_dim(self) -> int:
+        """F of the features, 0 without them."""
+        return 0 if self.features is None else self.features.shape[1]
 
     def save(self, folder: str | Path, extra: dict | None = None) -> None:
         """The packed on-disk format: tokens.npy (int32), modality.npy (uint8), doc.npy (int32),
-        memory-mappable, and index.json (modalities, vocabularies, specials, spans, split,
-        metadata, tokenizer files). `extra` maps file names to writers (e.g. tokenizers).
+        features.npy (float16, (N, F), only for a stream with features), memory-mappable, and
+        index.json (modalities, vocabularies, specials, spans, split, metadata, tokenizer
+        files). `extra` maps file names to writers (e.g. tokenizers).
         Written into a temporary folder renamed at the end: never half a corpus."""
         folder = Path(folder)
         tmp = folder.with_name(f".{folder.name}.tmp")
@@ -46,6 +63,8 @@ class TokenStream:
         np.save(tmp / "tokens.npy", self.tokens.numpy().astype(np.int32))
         np.save(tmp / "modality.npy", self.modality.numpy().astype(np.uint8))
         np.save(tmp / "doc.npy", self.doc.numpy().astype(np.int32))
+        if self.features is not None:
+            np.save(tmp / "features.npy", self.features.numpy().astype(np.float16))
         for name, write in (extra or {}).items():
             write(tmp / name)
         index = {"modalities": self.modalities, "vocab": self.vocab, "specials": self.specials,
@@ -63,9 +82,12 @@ class TokenStream:
         index = json.loads(index_file.read_text())
         arrays = [torch.from_numpy(np.load(folder / f"{name}.npy", mmap_mode="c").astype(
             np.int64)) for name in ("tokens", "modality", "doc")]
+        features = None
+        if "features.npy" in index.get("files", []):  # float16, left memory-mapped
+            features = torch.from_numpy(np.load(folder / "features.npy", mmap_mode="c"))
         return TokenStream(*arrays, index["modalities"], index["vocab"], index["specials"],
                            {k: tuple(v) for k, v in index["spans"].items()}, index["split_at"],
-                           index["meta"])
+                           index["meta"], features)
 
     def grammar(self):
         """The `SpanGrammar` of generation for this stream's markers."""
@@ -83,26 +105,39 @@ class TokenStream:
             cut += 1
         parts = [slice(0, cut), slice(cut, None)]
         return tuple(TokenStream(self.tokens[s], self.modality[s], self.doc[s], self.modalities,
-                                 self.vocab, self.specials, self.spans, None, self.meta)
+                                 self.vocab, self.specials, self.spans, None, self.meta,
+                                 None if self.features is None else self.features[s])
                      for s in parts)
 
     def check_fits(self, model: ModelConfig, seq_len: int) -> None:
         """ValueError unless every modality of the data exists in the model with room for its
-        vocabulary, in the same order, and the stream holds a window of `seq_len + 1` tokens."""
+        vocabulary (or, for a continuous one, with the data's feature width), in the same order,
+        and the stream holds a window of `seq_len + 1` tokens."""
         names = model.modality_names
         check(names[:len(self.modalities)] == self.modalities,
               f"model.modalities {names} must start with the data's modalities "
               f"{self.modalities}, in that order")
         for spec in model.modalities[:len(self.modalities)]:
+            if spec.continuous:
+                check(self.features is not None,
+                      f"model.modalities.{spec.name}.input is 'continuous', but the data has no "
+                      "features; use input 'discrete' or a stream with features")
+                check(self.feature_dim == model.feature_width,
+                      f"model.modalities.{spec.name}.feature_dim ({spec.feature_dim}): the "
+                      f"model's feature width ({model.feature_width}, the widest continuous "
+                      f"modality) must equal the data's ({self.feature_dim})")
+                continue
             need = self.vocab[spec.name]
             check(spec.vocab_size >= need, f"model.modalities.{spec.name}.vocab_size "
                                            f"({spec.vocab_size}) must be >= {need}, the data's")
         check(len(self.tokens) > seq_len + 1,
               f"train.seq_len ({seq_len}) must be < the stream length ({len(self.tokens)})")
 
-    def window(self, start: int, length: int) -> tuple[torch.Tensor, ...]:
+    def window(self, start: int, length: int) -> tuple[torch.Tensor | None, ...]:
+        """tokens, modality, doc (length,) and features (length, F) float32 or None."""
         s = slice(start, start + length)
-        return self.tokens[s], self.modality[s], self.doc[s]
+        features = None if self.features is None else self.features[s].float()
+        return self.tokens[s], self.modality[s], self.doc[s], features
 
     def sample(self, batch_size: int, seq_len: int, generator: torch.Generator) -> Batch:
         """Random packed windows of seq_len + 1 tokens."""
@@ -119,7 +154,9 @@ class TokenStream:
 
     def _batch(self, starts: list[int], seq_len: int) -> Batch:
         rows = [self.window(s, seq_len + 1) for s in starts]
-        return Batch(*(torch.stack(parts) for parts in zip(*rows)))
+        tokens, modality, doc, features = zip(*rows)
+        return Batch(torch.stack(tokens), torch.stack(modality), torch.stack(doc),
+                     features=None if self.features is None else torch.stack(features))
 
 
 def build_stream(cfg) -> TokenStream:

@@ -4,6 +4,11 @@ Each document is either a caption followed by its image, or an image followed by
 Captions are word sequences from a sparse random bigram model with one "class" word; an image is
 16 codes, a per-class prototype with 10 % of codes replaced at random. So text is predictable from
 text, and image codes are predictable only by attending across modalities to the class word.
+
+Every image position also carries a feature vector (the input of `input: continuous`): a fixed
+random embedding of its code in FEATURE_DIM dimensions plus a little Gaussian noise, so the code,
+and through the prototypes the class, can be read back from the features. Text positions have
+zero features. Features come from a generator of their own: the tokens do not depend on them.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ TEXT_VOCAB = len(SPECIALS) + NUM_CLASSES + NUM_WORDS  # 64
 IMAGE_VOCAB = 64
 IMAGE_LEN = 16
 NOISE = 0.1
+FEATURE_DIM = 4
+FEATURE_NOISE = 0.05
 
 
 def synthetic_stream(num_tokens: int, seed: int):
@@ -50,6 +57,18 @@ def synthetic_stream(num_tokens: int, seed: int):
         doc += [d] * len(body)
         d += 1
     as_tensor = lambda xs: torch.tensor(xs[:num_tokens], dtype=torch.long)  # noqa: E731
-    return TokenStream(as_tensor(tokens), as_tensor(modality), as_tensor(doc),
-                       ["text", "image"], {"text": TEXT_VOCAB, "image": IMAGE_VOCAB}, special,
-                       {"boi": ("image", IMAGE_LEN)})
+    tokens, modality = as_tensor(tokens), as_tensor(modality)
+    return TokenStream(tokens, modality, as_tensor(doc), ["text", "image"],
+                       {"text": TEXT_VOCAB, "image": IMAGE_VOCAB}, special,
+                       {"boi": ("image", IMAGE_LEN)},
+                       features=code_features(tokens, modality == 1, seed))
+
+
+def code_features(tokens: torch.Tensor, is_image: torch.Tensor, seed: int) -> torch.Tensor:
+    """(N, FEATURE_DIM) float32: codebook[code] + noise at image positions, zeros elsewhere."""
+    rng = np.random.default_rng([seed, 1])  # apart from the token generator
+    codebook = rng.normal(size=(IMAGE_VOCAB, FEATURE_DIM))
+    noise = FEATURE_NOISE * rng.normal(size=(len(tokens), FEATURE_DIM))
+    codes = tokens.clamp(0, IMAGE_VOCAB - 1).numpy()
+    features = np.where(is_image.numpy()[:, None], codebook[codes] + noise, 0.0)
+    return torch.from_numpy(features.astype(np.float32))
