@@ -36,7 +36,7 @@ import torch
 import yaml
 
 from experiments.checkpoint import atomic_write_bytes, atomic_write_text
-from experiments.config import check, config_to_dict, load_config
+from experiments.config import check, config_to_dict, load_config, model_dict
 from experiments.data import build_stream
 from experiments.train import train
 from mot.accounting import account
@@ -137,7 +137,7 @@ def run_variant(name: str, p: dict, seed: int, out: Path, eval_points: int) -> d
     saved = run_dir / "config.yaml"
     if saved.is_file():
         planned = config_to_dict(p["cfg"])["model"]
-        if yaml.safe_load(saved.read_text())["model"] != planned:
+        if model_dict(yaml.safe_load(saved.read_text())["model"]) != planned:
             raise ValueError(f"{run_dir} was trained with another model config than variant "
                              f"{name!r} now asks for; use a new --out or delete that folder")
     if summary_file.is_file():

@@ -89,6 +89,7 @@ class DataConfig:
     steps of the image VQ-VAE and of the audio VQ (audio kinds need espeak-ng)."""
 
     name: str = "synthetic"
+    path: str | None = None  # the folder of data.name "packed" (python -m experiments.ingest)
     num_tokens: int = 200_000
     val_fraction: float = 0.05
     seed: int = 1234
@@ -196,6 +197,12 @@ def _list_index(items: list, part: str, where: str) -> int:
 def config_to_dict(cfg) -> dict:
     """A plain dict (YAML-ready) of a config, block configs included."""
     return dataclasses.asdict(cfg)
+
+
+def model_dict(saved: dict) -> dict:
+    """A saved model config as today's code reads it (fields added since filled with their
+    defaults), for comparing a checkpoint's config with the current one."""
+    return config_to_dict(from_dict(ModelConfig, saved, "model."))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:

@@ -40,7 +40,7 @@ from experiments.checkpoint import (
     rotate,
     save_checkpoint,
 )
-from experiments.config import RunConfig, TrainConfig, config_to_dict, load_config
+from experiments.config import RunConfig, TrainConfig, config_to_dict, load_config, model_dict
 from experiments.data import TokenStream, build_stream
 from moe.moe import update_biases
 from moe.parallel import communication, shard_experts
@@ -140,7 +140,7 @@ def _restore(model, optimizer, generator, out_dir: Path, cfg: RunConfig,
         break
     else:
         return 0, []
-    saved = state["config"]["model"]
+    saved = model_dict(state["config"]["model"])
     current = config_to_dict(cfg)["model"]
     if saved != current:
         diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
@@ -201,9 +201,13 @@ def _train(cfg: RunConfig, par: dist.Parallel, progress: bool) -> dict:
     device = tc.device
     if par.enabled and torch.device(device).type == "cuda":
         device = f"cuda:{torch.cuda.current_device()}"
-    stream = build_stream(cfg.data)  # every rank builds (or reads the cache of) the same data
+    # every rank builds (or reads the cache of) the same data
+    stream = build_stream(cfg.data).aligned_to(cfg.model)
     stream.check_fits(cfg.model, tc.seq_len)
     train_stream, val_stream = stream.split(cfg.data.val_fraction)
+    if len(val_stream.tokens) <= tc.seq_len + 1:
+        raise ValueError(f"train.seq_len ({tc.seq_len}) must be < the validation part of the "
+                         f"data ({len(val_stream.tokens)} tokens)")
     if tc.threads:
         torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)

@@ -2,6 +2,7 @@
 them) -> the packed format, read back with `TokenStream.load` and checked document by document."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -362,3 +363,39 @@ def test_read_image_and_paragraphs_by_hand(tmp_path):
     assert torch.allclose(read_image(tmp_path / "red.png", 2), torch.full((2, 2), 76 / 255 * 16))
     assert paragraphs("a\nb\n\n\n  \nc\r\n\r\nd \n") == ["a\nb", "c", "d"]
     assert paragraphs(" \n\t\n") == []
+
+
+def test_an_ingested_corpus_trains_as_data_packed(corpus, tmp_path):
+    from experiments.config import load_config
+    from experiments.data import build_stream
+    from experiments.run import load_run
+    from experiments.train import DEFAULT_CONFIG, train
+
+    out, stream, _ = corpus
+    loaded = build_stream(load_config(DEFAULT_CONFIG, ["data.name=packed",
+                                                       f"data.path={out}"]).data)
+    assert loaded.tokens.dtype == torch.int32 and loaded.modality.dtype == torch.uint8  # mapped
+    window = loaded.window(0, 8)
+    assert all(t.dtype == torch.int64 for t in window[:3])
+    assert torch.equal(window[0], stream.tokens[:8].long())
+    # the model may list modalities the data lacks (and in another order): ids follow names
+    modalities = ("[{name: text, vocab_size: 600}, {name: video, vocab_size: 8}, "
+                  "{name: audio, vocab_size: 128}, {name: image, vocab_size: 128}]")
+    cfg = load_config(DEFAULT_CONFIG, ["data.name=packed", f"data.path={out}",
+                                       f"model.modalities={modalities}", "model.dim=32",
+                                       "model.n_layers=1", "train.steps=2", "train.seq_len=16",
+                                       "train.batch_size=2", f"train.out_dir={tmp_path / 'run'}"])
+    aligned = loaded.aligned_to(cfg.model)
+    names = cfg.model.modality_names
+    for data_id, name in enumerate(loaded.modalities):
+        assert torch.equal(aligned.modality == names.index(name), loaded.modality == data_id)
+    summary = train(cfg, progress=False)
+    assert summary["steps"] == 2 and math.isfinite(summary["final_train_loss"])
+    run_cfg, _, run_stream, step = load_run(tmp_path / "run")
+    assert step == 2 and run_stream.modalities == names
+    missing = load_config(DEFAULT_CONFIG, ["model.modalities=[{name: text, vocab_size: 600}]",
+                                           "model.attention.bidirectional_modalities=[]"])
+    with pytest.raises(ValueError, match=r"lack the data's modalities \['image', 'audio'\]"):
+        loaded.aligned_to(missing.model)
+    with pytest.raises(ValueError, match="data.path must name a packed corpus folder"):
+        build_stream(load_config(DEFAULT_CONFIG, ["data.name=packed"]).data)

@@ -154,3 +154,15 @@ def test_kill_9_anywhere_then_resume_matches(tmp_path):
                                                        "train.resume=true"]),
                     progress=False)["history"]
     assert losses(resumed) == losses(whole)
+
+
+def test_resume_accepts_a_config_saved_before_newer_fields(tmp_path):
+    train(config(tmp_path, "train.steps=2"), progress=False)
+    path = checkpoint.list_checkpoints(tmp_path)[-1]
+    state = torch.load(path, weights_only=False)
+    del state["config"]["model"]["fusion"]  # as written before late fusion existed
+    for spec in state["config"]["model"]["modalities"]:
+        del spec["input"]
+    checkpoint.atomic_torch_save(state, path)
+    resumed = train(config(tmp_path, "train.steps=3", "train.resume=true"), progress=False)
+    assert [r["step"] for r in resumed["history"] if "loss" in r] == [1, 2, 3]

@@ -80,8 +80,9 @@ class TokenStream:
         index_file = folder / "index.json"
         check(index_file.is_file(), f"{folder} holds no packed corpus (index.json missing)")
         index = json.loads(index_file.read_text())
-        arrays = [torch.from_numpy(np.load(folder / f"{name}.npy", mmap_mode="c").astype(
-            np.int64)) for name in ("tokens", "modality", "doc")]
+        # left memory-mapped in their stored types; windows are widened to int64 when drawn
+        arrays = [torch.from_numpy(np.load(folder / f"{name}.npy", mmap_mode="c"))
+                  for name in ("tokens", "modality", "doc")]
         features = None
         if "features.npy" in index.get("files", []):  # float16, left memory-mapped
             features = torch.from_numpy(np.load(folder / "features.npy", mmap_mode="c"))
@@ -109,6 +110,21 @@ class TokenStream:
                                  None if self.features is None else self.features[s])
                      for s in parts)
 
+    def aligned_to(self, model: ModelConfig) -> TokenStream:
+        """This stream with its modality ids renumbered to the model's order of the same names
+        (a model may list modalities the data lacks, e.g. audio without espeak-ng). ValueError
+        for a data modality the model does not have."""
+        names = model.modality_names
+        missing = [m for m in self.modalities if m not in names]
+        check(not missing, f"model.modalities {names} lack the data's modalities {missing}")
+        order = [names.index(m) for m in self.modalities]
+        if order == list(range(len(order))):
+            return self
+        remap = torch.tensor(order, dtype=torch.long)
+        return TokenStream(self.tokens, remap[self.modality.long()], self.doc, names,
+                           self.vocab, self.specials, self.spans, self.split_at, self.meta,
+                           self.features)
+
     def check_fits(self, model: ModelConfig, seq_len: int) -> None:
         """ValueError unless every modality of the data exists in the model with room for its
         vocabulary (or, for a continuous one, with the data's feature width), in the same order,
@@ -127,7 +143,9 @@ class TokenStream:
                       f"model's feature width ({model.feature_width}, the widest continuous "
                       f"modality) must equal the data's ({self.feature_dim})")
                 continue
-            need = self.vocab[spec.name]
+            need = self.vocab.get(spec.name)
+            if need is None:  # a modality of the model that this data does not have
+                continue
             check(spec.vocab_size >= need, f"model.modalities.{spec.name}.vocab_size "
                                            f"({spec.vocab_size}) must be >= {need}, the data's")
         check(len(self.tokens) > seq_len + 1,
@@ -137,7 +155,7 @@ class TokenStream:
         """tokens, modality, doc (length,) and features (length, F) float32 or None."""
         s = slice(start, start + length)
         features = None if self.features is None else self.features[s].float()
-        return self.tokens[s], self.modality[s], self.doc[s], features
+        return self.tokens[s].long(), self.modality[s].long(), self.doc[s].long(), features
 
     def sample(self, batch_size: int, seq_len: int, generator: torch.Generator) -> Batch:
         """Random packed windows of seq_len + 1 tokens."""
@@ -176,4 +194,10 @@ def _digits(cfg) -> TokenStream:
     return build_digits(cfg)
 
 
-DATASETS = {"synthetic": _synthetic, "digits": _digits}
+def _packed(cfg) -> TokenStream:
+    check(bool(cfg.path), "data.path must name a packed corpus folder for data.name 'packed' "
+                          "(see python -m experiments.ingest)")
+    return TokenStream.load(cfg.path)
+
+
+DATASETS = {"synthetic": _synthetic, "digits": _digits, "packed": _packed}
