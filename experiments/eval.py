@@ -33,7 +33,9 @@ def validation_metrics(model, stream, batch_size: int, seq_len: int, batches: in
         for name, value in out.per_modality.items():
             sums[name] = sums.get(name, 0.0) + float(value) * out.tokens[name]
             counts[name] = counts.get(name, 0) + out.tokens[name]
-    return {name: {"loss": sums[name] / counts[name], "perplexity": math.exp(sums[name] /
+    # a regression loss (`<m>_mse`) is a mean squared error: it has no perplexity
+    return {name: {"loss": sums[name] / counts[name],
+                   "perplexity": None if name.endswith("_mse") else math.exp(sums[name] /
                                                                             counts[name]),
                    "tokens": counts[name]} for name in sums}
 
@@ -63,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(Path(args.run_dir) / "eval.json", json.dumps(result, indent=2))
     print(f"step {step}\n{'modality':<10}{'loss':>8}{'ppl':>9}{'tokens':>9}")
     for name, m in metrics.items():
-        print(f"{name:<10}{m['loss']:>8.3f}{m['perplexity']:>9.2f}{m['tokens']:>9}")
+        ppl = "-" if m["perplexity"] is None else f"{m['perplexity']:.2f}"
+        print(f"{name:<10}{m['loss']:>8.3f}{ppl:>9}{m['tokens']:>9}")
     for key in ("caption_accuracy", "generation_accuracy", "classifier_accuracy",
                 "transcription_accuracy"):
         if key in result:
@@ -74,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 def digits_metrics(model, cfg, stream, n_images: int, samples: int, seed: int) -> dict:
     from sklearn.datasets import load_digits
 
-    from experiments.data.digits import CAPTIONS, fill, load_tokenizers
+    from experiments.data.digits import CAPTIONS, fill, load_tokenizers, patches
     from experiments.metrics import (
         caption_accuracy,
         continuation_logprobs,
@@ -92,8 +95,14 @@ def digits_metrics(model, cfg, stream, n_images: int, samples: int, seed: int) -
     codes = vq.encode_batch(images[val_ids]).tolist()
     sp = stream.specials
     captions = {d: [text_tok.encode(fill(t, d)) for t in CAPTIONS] for d in range(10)}
-    caption_acc = caption_accuracy(lambda p, c: continuation_logprobs(model, p, c), codes,
-                                   [labels[i] for i in val_ids], captions.__getitem__, sp)
+    continuous = model.cfg.modalities[1].continuous  # image positions read pixel patches
+    features = None
+    if continuous:
+        width = model.cfg.feature_width
+        features = [torch.nn.functional.pad(patches(images[i]), (0, width - 4)) for i in val_ids]
+    caption_acc = caption_accuracy(lambda p, c, *f: continuation_logprobs(model, p, c, *f),
+                                   codes, [labels[i] for i in val_ids], captions.__getitem__, sp,
+                                   span_features=features)
     classify = digit_classifier(images[split["train"]], [labels[i] for i in split["train"]])
     ceiling = float((classify(images[split["val"]]) == torch.tensor(
         [labels[i] for i in split["val"]])).float().mean())
@@ -107,7 +116,9 @@ def digits_metrics(model, cfg, stream, n_images: int, samples: int, seed: int) -
                                     temperature=0.7, generator=generator)
         return vq.decode(tokens[0, len(prompt):len(prompt) + image_len])
 
-    generation_acc = generation_accuracy(generate_image, classify, samples)
+    # a continuous image modality has no image head to sample from
+    generation_acc = None if continuous else generation_accuracy(generate_image, classify,
+                                                                 samples)
     return {"caption_accuracy": caption_acc, "generation_accuracy": generation_acc,
             "classifier_accuracy": ceiling,
             "transcription_accuracy": transcription(model, cfg, stream, text_tok, n_images)}

@@ -69,10 +69,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--prompt-ids: give text token ids in [0, {vocab})")
     if args.max_new < 1 or args.temperature < 0:
         parser.error("--max-new must be >= 1 and --temperature >= 0")
-    tokens, modality = generate(model, torch.tensor(ids), torch.zeros(len(ids), dtype=torch.long),
-                                args.max_new, stream.grammar(), args.temperature, args.top_k,
-                                torch.Generator().manual_seed(args.seed),
-                                stop=stream.specials.get("eos"))
+    try:
+        tokens, modality = generate(model, torch.tensor(ids), torch.zeros(len(ids),
+                                    dtype=torch.long), args.max_new, stream.grammar(),
+                                    args.temperature, args.top_k,
+                                    torch.Generator().manual_seed(args.seed),
+                                    stop=stream.specials.get("eos"))
+    except ValueError as e:  # e.g. a continuous modality, which has no head to sample from
+        parser.error(str(e))
     names = stream.modalities
     pairs = list(zip(tokens[0].tolist(), modality[0].tolist()))
     run_modality = 0

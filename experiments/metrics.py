@@ -18,9 +18,12 @@ import torch
 
 @torch.no_grad()
 def continuation_logprobs(model, prefix: list[tuple[int, int]],
-                          continuations: list[list[tuple[int, int]]]) -> torch.Tensor:
+                          continuations: list[list[tuple[int, int]]],
+                          prefix_features: torch.Tensor | None = None) -> torch.Tensor:
     """log P(continuation | prefix) of each continuation, as one padded batch.
-    Items are (token, modality) pairs; returns (len(continuations),)."""
+    Items are (token, modality) pairs; returns (len(continuations),). prefix_features
+    (len(prefix), F): the continuous inputs of the prefix, for models with continuous
+    modalities (continuations are discrete)."""
     rows = [prefix + c for c in continuations]
     T = max(len(r) for r in rows)
     tokens = torch.zeros(len(rows), T, dtype=torch.long)
@@ -28,7 +31,12 @@ def continuation_logprobs(model, prefix: list[tuple[int, int]],
     for i, row in enumerate(rows):
         tokens[i, :len(row)] = torch.tensor([t for t, _ in row])
         modality[i, :len(row)] = torch.tensor([m for _, m in row])
-    hidden = model(tokens[:, :-1], modality[:, :-1])  # (C, T-1, D)
+    features = None
+    if prefix_features is not None:
+        features = prefix_features.new_zeros(len(rows), T, prefix_features.shape[1])
+        features[:, :len(prefix)] = prefix_features
+        features = features[:, :-1]
+    hidden = model(tokens[:, :-1], modality[:, :-1], features=features)  # (C, T-1, D)
     out = torch.zeros(len(rows))
     for i, row in enumerate(rows):
         for pos in range(len(prefix), len(row)):
@@ -41,21 +49,30 @@ def continuation_logprobs(model, prefix: list[tuple[int, int]],
 def caption_accuracy(score: Callable[[list, list], torch.Tensor], images: Sequence[list[int]],
                      labels: Sequence[int], captions: Callable[[int], list[list[int]]],
                      specials: dict[str, int], eos: bool = True,
-                     span: tuple[str, str, int] = ("boi", "eoi", 1)) -> float:
+                     span: tuple[str, str, int] = ("boi", "eoi", 1),
+                     span_features: Sequence[torch.Tensor] | None = None) -> float:
     """score(prefix, continuations) -> log-probs; images: code ids per image (or per clip);
     captions(d): the token ids of every caption of digit d. A digit's score is the log-sum-exp
     over its captions (each followed by <eos>). span: the (begin, end) special names and the
-    modality id of the codes (audio: ("boa", "eoa", audio id))."""
+    modality id of the codes (audio: ("boa", "eoa", audio id)). span_features: per image, the
+    continuous features (len(codes), F) of its positions, for a model that reads them; score is
+    then called as score(prefix, continuations, prefix_features)."""
     begin, end, m = span
     correct = 0
-    for codes, label in zip(images, labels):
+    for i, (codes, label) in enumerate(zip(images, labels)):
         prefix = [(specials["bos"], 0), (specials[begin], 0)] + [(c, m) for c in codes] \
             + [(specials[end], 0)]
+        extra = ()
+        if span_features is not None:
+            f = span_features[i]
+            rows = f.new_zeros(len(prefix), f.shape[1])
+            rows[2:2 + len(codes)] = f
+            extra = (rows,)
         per_digit = []
         for d in range(10):
             cands = [[(t, 0) for t in cap] + ([(specials["eos"], 0)] if eos else [])
                      for cap in captions(d)]
-            per_digit.append(score(prefix, cands).logsumexp(0))
+            per_digit.append(score(prefix, cands, *extra).logsumexp(0))
         correct += int(torch.stack(per_digit).argmax()) == label
     return correct / max(len(labels), 1)
 

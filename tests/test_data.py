@@ -116,3 +116,31 @@ def test_packed_format_round_trip(tmp_path):
 def test_bad_mix_is_rejected():
     with pytest.raises(ValueError, match=r"data.mix .* must map some of"):
         load_config(None, ["data.mix={poetry: 1.0}"])
+
+
+def test_digits_image_positions_carry_their_pixel_patches(digits_stream):
+    from experiments.data.digits import patches
+
+    cfg, stream = digits_stream
+    images = torch.tensor(load_digits().images, dtype=torch.float32)
+    # hand check of the patch order: the top-left 2 x 2 block first, row by row
+    assert patches(images[0])[0].tolist() == [images[0][0, 0] / 16, images[0][0, 1] / 16,
+                                              images[0][1, 0] / 16, images[0][1, 1] / 16]
+    vq = VQTokenizer.load(next(cfg.data.cache_path.glob("digits-*")) / "vq.pt")
+    all_codes = vq.encode_batch(images)
+    by_codes = {tuple(all_codes[i].tolist()): i for i in range(len(images))}
+    is_image = stream.modality == 1
+    assert torch.all(stream.features[~is_image] == 0)
+    starts = (is_image & ~torch.roll(is_image, 1)).nonzero().flatten().tolist()
+    checked = 0
+    for s in starts[:50]:
+        image = by_codes.get(tuple(stream.tokens[s:s + 16].tolist()))
+        if image is None:
+            continue
+        feats = stream.features[s:s + 16].float()
+        # several scans can share a code sequence: the features match one of them
+        same = [i for i in range(len(images))
+                if torch.equal(all_codes[i], all_codes[image])]
+        assert any(torch.allclose(feats, patches(images[i]), atol=1e-3) for i in same)
+        checked += 1
+    assert checked > 10

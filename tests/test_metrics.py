@@ -79,3 +79,28 @@ def test_eval_cli_reports_digits_metrics(tmp_path):
     assert drawn.returncode == 0, drawn.stderr
     assert drawn.stdout.startswith("<bos>a handwritten seven<boi>[image 1]")
     assert (tmp_path / "png" / "image_1.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eval_reads_pixel_patches_for_continuous_images(tmp_path):
+    pytest.importorskip("sklearn", reason="needs scikit-learn (the bundled digits)")
+    out = tmp_path / "run"
+    args = ["--config", "experiments/configs/digits.yaml", "train.steps=5", "model.dim=32",
+            "model.n_layers=1", "data.num_tokens=20000", "data.vq_steps=100",
+            "model.modalities.image.input=continuous", "model.modalities.image.feature_dim=4",
+            "model.modalities.image.loss=regression", "model.fusion=late",
+            f"data.cache_dir={tmp_path / 'cache'}", f"train.out_dir={out}", "train.seq_len=64"]
+    done = subprocess.run([sys.executable, "-m", "experiments.train", *args], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = subprocess.run([sys.executable, "-m", "experiments.eval", str(out), "--batches", "1",
+                             "--images", "5", "--samples", "1"], cwd=ROOT, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((out / "eval.json").read_text())
+    assert 0.0 <= report["caption_accuracy"] <= 1.0
+    assert report["generation_accuracy"] is None  # no image head to sample from
+    assert report["validation"]["image_mse"]["perplexity"] is None
+    assert "image" not in report["validation"]  # continuous targets are not softmax-scored
+    drawn = subprocess.run([sys.executable, "-m", "experiments.generate", str(out), "--prompt",
+                            "a handwritten seven"], cwd=ROOT, capture_output=True, text=True)
+    assert drawn.returncode == 2 and "continuous" in drawn.stderr

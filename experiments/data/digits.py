@@ -48,6 +48,8 @@ TRANSCRIPTS = ["the word {w}", "someone says {w}", "{w}", "a voice saying {w}", 
 SAY = ["say {w}", "speak the word {w}", "read aloud: {w}", "pronounce {w}"]
 MOTION = ["a {w} moving {dir}", "the digit {d} slides {dir}", "a handwritten {w} going {dir}"]
 VIDEO_FRAMES, VIDEO_STEP, VIDEO_WIDTH = 3, 2, 12
+PATCH_FEATURES = 4  # continuous input of image and video positions: 2 x 2 pixel patches
+FORMAT = 2  # bumped when the corpus layout changes (2: continuous patch features)
 
 
 def caption(label: int, rng: np.random.Generator) -> str:
@@ -95,7 +97,8 @@ def has_audio(cfg) -> bool:
 
 def cache_folder(cfg):
     """Where the corpus and tokenizers of data config `cfg` are cached."""
-    fields = [cfg.seed, cfg.num_tokens, cfg.val_fraction, cfg.mix, cfg.text_vocab, cfg.vq_steps]
+    fields = [cfg.seed, cfg.num_tokens, cfg.val_fraction, cfg.mix, cfg.text_vocab, cfg.vq_steps,
+              FORMAT]
     if has_audio(cfg):
         fields += [cfg.audio_vq_steps]
     key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
@@ -116,6 +119,13 @@ def load_audio_tokenizer(cfg):
     build_digits(cfg)
     path = cache_folder(cfg) / "audio.pt"
     return AudioTokenizer.load(path) if path.is_file() else None
+
+
+def patches(image: torch.Tensor) -> torch.Tensor:
+    """The continuous features of an image (or video frame) H x W: its 2 x 2 pixel patches in
+    the row-major order of the VQ code grid, scaled to [0, 1]: (H/2 * W/2, 4)."""
+    H, W = image.shape
+    return image.view(H // 2, 2, W // 2, 2).permute(0, 2, 1, 3).reshape(-1, 4) / 16
 
 
 def moving_clip(image: torch.Tensor, direction: str) -> torch.Tensor:
@@ -181,7 +191,7 @@ def build_digits(cfg):
         kinds = [k for k in cfg.mix if audio_tok or k not in AUDIO_KINDS]
         weights = np.array([cfg.mix[k] for k in kinds], dtype=float)
         clips = split_clips.get(split, [])
-        tokens, modality, doc = [], [], []
+        tokens, modality, doc, features = [], [], [], []
         d = 0
         while len(tokens) < budget:
             kind = kinds[rng.choice(len(kinds), p=weights / weights.sum())]
@@ -194,7 +204,9 @@ def build_digits(cfg):
                 image = ids[rng.integers(len(ids))]
             image_part = [(sp["boi"], 0)] + [(c, 1) for c in codes[image].tolist()] \
                 + [(sp["eoi"], 0)]
+            span = ("boi", patches(images[image]))  # the continuous features of the span
             if kind in AUDIO_KINDS:
+                span = None
                 clip = clips[rng.integers(len(clips))]
                 word = clip_labels[clip]
                 audio_part = [(sp["boa"], 0)] + [(c, mid["audio"]) for c in
@@ -207,7 +219,9 @@ def build_digits(cfg):
                     body = [(t, 0) for t in text_tok.encode(text)] + audio_part
             elif kind in VIDEO_KINDS:
                 direction = "left" if rng.random() < 0.5 else "right"
-                frames = vq.encode_batch(moving_clip(images[image], direction)).flatten()
+                clip_frames = moving_clip(images[image], direction)
+                frames = vq.encode_batch(clip_frames).flatten()
+                span = ("bov", torch.cat([patches(f) for f in clip_frames]))
                 video_part = [(sp["bov"], 0)] + [(c, mid["video"]) for c in frames.tolist()] \
                     + [(sp["eov"], 0)]
                 text = [(t, 0) for t in text_tok.encode(motion(labels[image], direction, rng))]
@@ -219,16 +233,22 @@ def build_digits(cfg):
             elif kind == "arithmetic":
                 body = [(t, 0) for t in text_tok.encode(prompt)] + image_part
             else:
+                span = None
                 text = split_prose[split][rng.integers(len(split_prose[split]))]
                 body = [(t, 0) for t in text_tok.encode(text)]
             body = [(sp["bos"], 0)] + body + [(sp["eos"], 0)]
             tokens += [t for t, _ in body]
             modality += [m for _, m in body]
             doc += [d] * len(body)
+            rows = torch.zeros(len(body), PATCH_FEATURES)
+            if span is not None:
+                at = body.index((sp[span[0]], 0)) + 1
+                rows[at:at + len(span[1])] = span[1]
+            features.append(rows)
             d += 1
-        parts[split] = (tokens, modality, doc)
+        parts[split] = (tokens, modality, doc, torch.cat(features))
     train, val = parts["train"], parts["val"]
-    val = (val[0], val[1], [x + train[2][-1] + 1 for x in val[2]])  # document ids stay unique
+    val = (val[0], val[1], [x + train[2][-1] + 1 for x in val[2]], val[3])  # unique doc ids
     vocab = {"text": text_tok.vocab_size, "image": vq.vocab_size}
     spans = {"boi": ("image", codes.shape[1])}
     meta = {"images": split_images, "labels": labels}
@@ -245,7 +265,8 @@ def build_digits(cfg):
         meta["video"] = {"frames": VIDEO_FRAMES, "height": 8, "width": VIDEO_WIDTH}
     stream = TokenStream(torch.tensor(train[0] + val[0]), torch.tensor(train[1] + val[1]),
                          torch.tensor(train[2] + val[2]), modalities, vocab, sp, spans,
-                         split_at=len(train[0]), meta=meta)
+                         split_at=len(train[0]), meta=meta,
+                         features=torch.cat([train[3], val[3]]))
     stream.save(cache, files)
     return stream
 
