@@ -223,6 +223,10 @@ def ablate(grid: dict, out: Path, seeds: int, extra: list[str], eval_points: int
                "train_flops": p["train_flops"],
                "tokens_per_s": statistics.mean(s["tokens_per_s"] for s in runs)}
         for m, target in targets.items():
+            if any(m not in s["val_loss"] for s in runs):  # e.g. continuous: not softmax-scored
+                row[f"val_{m}"] = row[f"val_{m}_spread"] = None
+                row[f"steps_to_ref_{m}"] = row[f"flops_to_ref_{m}"] = None
+                continue
             mean, spread = mean_spread([s["val_loss"][m] for s in runs])
             row[f"val_{m}"], row[f"val_{m}_spread"] = mean, spread
             reached = steps_to_reach(val_curve(runs[0], m), target)
@@ -263,7 +267,8 @@ def write_results(out: Path, rows: list[dict], targets: dict, grid: dict, seeds:
              f"validation loss: lower is better.\n"]
     head = ["variant", "params (M, total / active)", "MFLOP/token", "steps", "tokens/s"]
     head += [f"val {m}" for m in targets] + [f"steps / FLOPs to {ref} {m}" for m in targets]
-    extra = [k for k in ("caption_accuracy", "generation_accuracy") if k in rows[0]]
+    extra = [k for k in ("caption_accuracy", "generation_accuracy", "transcription_accuracy")
+             if any(row.get(k) is not None for row in rows)]
     head += extra
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * len(head))
@@ -273,17 +278,25 @@ def write_results(out: Path, rows: list[dict], targets: dict, grid: dict, seeds:
                  f"{row['tokens_per_s']:.0f}"]
         for m in targets:
             spread = row[f"val_{m}_spread"]
+            if row[f"val_{m}"] is None:
+                cells.append("n/a")
+                continue
             cells.append(f"{row[f'val_{m}']:.3f}" + (f" ± {spread:.3f}" if seeds > 1 else ""))
         for m in targets:
+            if row[f"val_{m}"] is None:
+                cells.append("n/a")
+                continue
             cells.append(f"{_fmt(row[f'steps_to_ref_{m}'], 2)} / "
                          f"{_fmt(row[f'flops_to_ref_{m}'], 2)}")
-        cells += [_fmt(row.get(k)) for k in extra]
+        cells += ["n/a" if row.get(k) is None else _fmt(row[k]) for k in extra]
         lines.append("| " + " | ".join(cells) + " |")
     if seeds > 1:
         lines.append("")
         for m in targets:
             ref_row = next(r for r in rows if r["variant"] == ref)
             for row in rows:
+                if row[f"val_{m}"] is None:
+                    continue
                 gap = abs(row[f"val_{m}"] - ref_row[f"val_{m}"])
                 noise = max(row[f"val_{m}_spread"], ref_row[f"val_{m}_spread"])
                 if row is not ref_row and gap <= noise:

@@ -117,3 +117,24 @@ def test_match_params_sizes_the_ffn_to_the_closest_parameter_count():
     with pytest.raises(ValueError, match=r"variants.dense_as_mot.match_params \('nope'\) must "
                                          r"name another variant"):
         plan(grid, TINY)
+
+
+def test_a_variant_without_a_modality_loss_reads_n_a(tmp_path):
+    from experiments.ablate import write_results
+
+    grid = {"reference": "dense", "steps": 10}
+    rows = [{"variant": "dense", "params": 1e6, "active_params": 1e6, "flops_per_token": 1e6,
+             "steps": 10, "tokens_per_s": 5.0, "val_text": 2.0, "val_text_spread": 0.0,
+             "val_image": 3.0, "val_image_spread": 0.0, "steps_to_ref_text": 1.0,
+             "flops_to_ref_text": 1.0, "steps_to_ref_image": 0.5, "flops_to_ref_image": 0.5,
+             "caption_accuracy": 0.5, "generation_accuracy": 0.25},
+            {"variant": "continuous", "params": 1e6, "active_params": 1e6,
+             "flops_per_token": 1e6, "steps": 10, "tokens_per_s": 5.0, "val_text": 1.9,
+             "val_text_spread": 0.0, "val_image": None, "val_image_spread": None,
+             "steps_to_ref_text": 0.8, "flops_to_ref_text": 0.8, "steps_to_ref_image": None,
+             "flops_to_ref_image": None, "caption_accuracy": 0.75, "generation_accuracy": None}]
+    write_results(tmp_path, rows, {"text": 2.0, "image": 3.0}, grid, 1)
+    table = (tmp_path / "results.md").read_text().splitlines()
+    line = next(row for row in table if row.startswith("| continuous"))
+    assert line == ("| continuous | 1.00 / 1.00 | 1.00 | 10 | 5 | 1.900 | n/a | 0.80 / 0.80 | "
+                    "n/a | 0.750 | n/a |")
