@@ -32,7 +32,6 @@ import statistics
 import sys
 from pathlib import Path
 
-import torch
 import yaml
 
 from experiments.checkpoint import atomic_write_bytes, atomic_write_text
@@ -112,11 +111,11 @@ def plan(grid: dict, extra: list[str]) -> dict[str, dict]:
         p["cfg"] = load_config(grid["base"], p["overrides"])
     ref_cfg = plans[grid["reference"]]["cfg"]
     stream = build_stream(ref_cfg.data)
-    counts = torch.bincount(stream.modality, minlength=len(stream.modalities)).double()
-    fractions = dict(zip(stream.modalities, (counts / counts.sum()).tolist()))
+    fractions = stream.shares()
     for p in plans.values():
         cfg = p["cfg"]
-        acc = account(cfg.model, cfg.train.seq_len, fractions)
+        acc = account(cfg.model, cfg.train.seq_len, fractions, fractions,
+                      stream.span_len(cfg.model))
         p["flops_per_token"] = acc.train_flops_per_token
         p["params"], p["active_params"] = acc.total_params, acc.active_params
         p["tokens_per_step"] = cfg.train.batch_size * cfg.train.seq_len * cfg.train.accumulate

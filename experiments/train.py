@@ -224,7 +224,8 @@ def _train(cfg: RunConfig, par: dist.Parallel, progress: bool) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     start_step, history = _restore(model, optimizer, generator, out_dir, cfg, par) \
         if tc.resume else (0, [])
-    acc = account(cfg.model, tc.seq_len)
+    acc = account(cfg.model, tc.seq_len, stream.shares(), stream.shares(),
+                  stream.span_len(cfg.model))
     writer = None
     if par.is_main:
         atomic_write_text(out_dir / "config.yaml",

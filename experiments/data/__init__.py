@@ -110,6 +110,18 @@ class TokenStream:
                                  None if self.features is None else self.features[s])
                      for s in parts)
 
+    def shares(self) -> dict[str, float]:
+        """The share of positions of each modality (for FLOP accounting of heads and encoders)."""
+        counts = torch.bincount(self.modality.long(), minlength=len(self.modalities)).double()
+        return dict(zip(self.modalities, (counts / counts.sum().clamp(min=1)).tolist()))
+
+    def span_len(self, model: ModelConfig) -> int | None:
+        """The span length of the first modality a late-fusion encoder reads (its attention
+        runs within spans), or None."""
+        lengths = {m: n for m, n in self.spans.values()}
+        return next((lengths[m] for m in model.late_encoder.modalities if m in lengths), None) \
+            if model.fusion == "late" else None
+
     def aligned_to(self, model: ModelConfig) -> TokenStream:
         """This stream with its modality ids renumbered to the model's order of the same names
         (a model may list modalities the data lacks, e.g. audio without espeak-ng). ValueError
