@@ -23,6 +23,8 @@ from mot.config import ModelConfig, check, check_non_negative, check_positive
 @dataclass
 class TrainConfig:
     """batch_size sequences per micro-batch, `accumulate` micro-batches per optimizer step;
+    the learning rate warms up linearly for `warmup` steps, then decays to lr * min_lr_ratio
+    at the last step along a cosine or an exponential (`schedule`);
     dtype "bfloat16" runs forward and loss under CPU/CUDA autocast; checkpoints every
     `save_every` steps (and at the end) under out_dir/checkpoints, newest `keep_checkpoints`
     kept; `resume` continues from the newest one; `nonfinite` decides what a NaN/inf loss or
@@ -36,6 +38,7 @@ class TrainConfig:
     seq_len: int = 128
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
+    schedule: str = "cosine"
     warmup: int = 30
     weight_decay: float = 0.1
     beta2: float = 0.95
@@ -67,6 +70,10 @@ class TrainConfig:
               f"train.nonfinite ({self.nonfinite!r}) must be one of ['abort', 'skip']")
         check(self.timeout > 0, f"train.timeout ({self.timeout}) must be > 0 seconds")
         check(self.lr > 0, f"train.lr ({self.lr}) must be > 0")
+        check(self.schedule in ("cosine", "exponential"),
+              f"train.schedule ({self.schedule!r}) must be one of ['cosine', 'exponential']")
+        check(self.schedule == "cosine" or self.min_lr_ratio > 0,
+              f"train.min_lr_ratio ({self.min_lr_ratio}) must be > 0 for an exponential decay")
         check(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio ({self.min_lr_ratio}) must be "
                                             "in [0, 1]")
         check(0 < self.beta2 < 1, f"train.beta2 ({self.beta2}) must be in (0, 1)")

@@ -52,12 +52,15 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to `lr`, then cosine decay to `lr * min_lr_ratio` at the last step."""
+    """Linear warmup to `lr`, then decay to `lr * min_lr_ratio` at the last step: cosine, or
+    exponential (`lr * min_lr_ratio ** progress`)."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    progress = min((step - cfg.warmup) / max(1, cfg.steps - cfg.warmup), 1.0)
+    if cfg.schedule == "exponential":
+        return cfg.lr * cfg.min_lr_ratio ** progress
     floor = cfg.lr * cfg.min_lr_ratio
-    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

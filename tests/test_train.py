@@ -65,6 +65,18 @@ def test_schedule_warms_up_then_decays():
     assert lrs[-1] == pytest.approx(tc.lr * tc.min_lr_ratio, rel=1e-2)
 
 
+def test_exponential_schedule_by_hand():
+    tc = load_config(DEFAULT_CONFIG, ["train.steps=21", "train.warmup=1", "train.lr=0.01",
+                                      "train.min_lr_ratio=0.01", "train.schedule=exponential"]
+                     ).train
+    # after warmup, progress p = (step - 1) / 20 and lr = 0.01 * 0.01 ** p
+    assert lr_at(0, tc) == pytest.approx(0.01)
+    assert lr_at(11, tc) == pytest.approx(0.001)  # halfway: 0.01 * 0.01 ** 0.5
+    assert lr_at(21, tc) == pytest.approx(1e-4)
+    with pytest.raises(ValueError, match=r"train.schedule \('linear'\) must be one of"):
+        load_config(DEFAULT_CONFIG, ["train.schedule=linear"])
+
+
 def test_cli_reports_bad_override():
     result = subprocess.run([sys.executable, "-m", "experiments.train", "model.n_heads=3"],
                             cwd=ROOT, capture_output=True, text=True)
