@@ -52,7 +52,10 @@ class TopKDispatch:
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, D) -> (kept, D): one row per computed slot, grouped by expert."""
-        return ops.permute_rows(x, self.order, self.inverse, None, self.k, self.kept)[:self.kept]
+        rows = ops.permute_rows(x, self.order, self.inverse, None, self.k, self.kept)
+        # dropless: every row is kept, and a no-op slice would still cost its backward a
+        # zero-filled full-size gradient
+        return rows if self.kept == rows.shape[0] else rows[:self.kept]
 
     def combine(self, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """y (kept, D) expert outputs, weight (N, k) -> (N, D) weighted sums per token."""

@@ -40,9 +40,12 @@ class GroupedRMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, groups) -> torch.Tensor:
         ids = row_ids(groups, self.num_groups, x)
         if isinstance(groups, Grouping) and groups.grouped:
-            # rows sorted by group: one fused norm per contiguous group, no per-row weights
-            return torch.cat([F.rms_norm(x[s:e], (self.dim,), self.weight[k], self.eps)
-                              for k, (s, e) in enumerate(groups.spans)])
+            # rows sorted by group: one fused norm per contiguous group, no per-row weights.
+            # `split`/`unbind` rather than slicing: their backward is one cat/stack, where each
+            # slice's backward would zero-fill and accumulate a full-size gradient.
+            rows = x.split([e - s for s, e in groups.spans])
+            return torch.cat([F.rms_norm(part, (self.dim,), weight, self.eps)
+                              for part, weight in zip(rows, self.weight.unbind(0))])
         # x is (*ids.shape, [heads,] dim): broadcast the per-token weight over any middle dims
         weight = self.weight[ids].view(*ids.shape, *[1] * (x.dim() - ids.dim() - 1), self.dim)
         return F.rms_norm(x, (self.dim,), eps=self.eps) * weight
