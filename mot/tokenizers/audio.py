@@ -15,14 +15,14 @@ turns each patch of `patch` frames into one vector, replaced by its nearest code
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mot.tokenizers.vqvae import VQVAE, VQVAEConfig, train_vqvae
+from mot.tokenizers.vqvae import VQVAE, VQVAEConfig, load_model, save_model, train_vqvae
 
 
 @dataclass
@@ -217,18 +217,11 @@ class AudioTokenizer:
         return wave / wave.abs().max().clamp(min=1e-8) * 0.9
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save({"config": asdict(self.cfg), "state": self.model.state_dict()}, tmp)
-        tmp.replace(path)
+        save_model(self.model, path)
 
     @classmethod
     def load(cls, path: str | Path) -> AudioTokenizer:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        model = AudioVQ(AudioConfig(**saved["config"]))
-        model.load_state_dict(saved["state"])
-        return cls(model)
+        return cls(load_model(path, AudioVQ, AudioConfig))
 
 
 def read_wav(path: str | Path) -> tuple[torch.Tensor, int]:

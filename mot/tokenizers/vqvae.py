@@ -192,15 +192,24 @@ class VQTokenizer:
         return self.model.decode(ids.view(1, side, -1))[0].clamp(0, self.model.cfg.max_value)
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save({"config": asdict(self.model.cfg), "state": self.model.state_dict()}, tmp)
-        tmp.replace(path)
+        save_model(self.model, path)
 
     @classmethod
     def load(cls, path: str | Path) -> VQTokenizer:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        model = VQVAE(VQVAEConfig(**saved["config"]))
-        model.load_state_dict(saved["state"])
-        return cls(model)
+        return cls(load_model(path, VQVAE, VQVAEConfig))
+
+
+def save_model(model: VQVAE, path: str | Path) -> None:
+    """A VQ model's config and weights, written atomically (temporary name, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"config": asdict(model.cfg), "state": model.state_dict()}, tmp)
+    tmp.replace(path)
+
+
+def load_model(path: str | Path, model_class, config_class):
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    model = model_class(config_class(**saved["config"]))
+    model.load_state_dict(saved["state"])
+    return model
