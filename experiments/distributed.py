@@ -159,11 +159,12 @@ def clip_grad_norm(model: nn.Module, max_norm: float, par: Parallel) -> torch.Te
     from moe.parallel import is_expert_parameter
 
     experts = is_expert_parameter(model)
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    with_grads = [p for p in model.parameters() if p.grad is not None]
+    grads = [p.grad for p in with_grads]
+    squares = [(id(p) in experts, p.grad.float().pow(2).sum()) for p in with_grads]
     zero = torch.zeros((), device=par.device)
-    shared = sum((g.float().pow(2).sum() for p, g in _with_grads(model) if id(p) not in experts),
-                 zero)
-    local = sum((g.float().pow(2).sum() for p, g in _with_grads(model) if id(p) in experts), zero)
+    shared = sum((sq for is_expert, sq in squares if not is_expert), zero)
+    local = sum((sq for is_expert, sq in squares if is_expert), zero)
     if par.ep > 1:
         dist.all_reduce(local, group=par.ep_group)
     norm = (shared + local).sqrt()
@@ -172,10 +173,6 @@ def clip_grad_norm(model: nn.Module, max_norm: float, par: Parallel) -> torch.Te
         for g in grads:
             g.mul_(scale.to(g.dtype))
     return norm
-
-
-def _with_grads(model):
-    return [(p, p.grad) for p in model.parameters() if p.grad is not None]
 
 
 # ---- statistics --------------------------------------------------------------------------------

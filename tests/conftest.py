@@ -1,3 +1,8 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -36,3 +41,22 @@ def random_batch(cfg: ModelConfig, B: int, T: int, generator=None):
     sizes = torch.tensor([m.vocab_size for m in cfg.modalities])
     tokens = (torch.rand(B, T, generator=generator) * sizes[modality]).long()
     return tokens, modality
+
+
+ROOT = Path(__file__).parent.parent
+
+
+def run_module(module: str, *args) -> subprocess.CompletedProcess:
+    """`python -m module args...` from the repository root, output captured as text."""
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True)
+
+
+def train_and_eval(out: Path, args: list[str]) -> dict:
+    """Train a run into `out` with `args`, evaluate it briefly, and return its eval.json."""
+    done = run_module("experiments.train", *args, f"train.out_dir={out}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = run_module("experiments.eval", out, "--batches", "1", "--images", "5",
+                        "--samples", "1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads((out / "eval.json").read_text())

@@ -25,6 +25,7 @@ from mot.tokenizers.audio import (
     train_audio_vq,
     write_wav,
 )
+from tests.conftest import train_and_eval
 
 ROOT = Path(__file__).parent.parent
 needs_espeak = pytest.mark.skipif(speech.espeak() is None,
@@ -177,15 +178,8 @@ def test_transcription_accuracy_and_wav_generation_on_a_run(tmp_path):
             "data.audio_vq_steps=100", f"data.mix={mix}",
             "model.modalities=[{name: text, vocab_size: 512}, {name: image, vocab_size: 128}, "
             "{name: audio, vocab_size: 128}, {name: video, vocab_size: 128}]",
-            f"data.cache_dir={tmp_path / 'cache'}", f"train.out_dir={out}", "train.seq_len=128"]
-    done = subprocess.run([sys.executable, "-m", "experiments.train", *args], cwd=ROOT,
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    result = subprocess.run([sys.executable, "-m", "experiments.eval", str(out), "--batches", "1",
-                             "--images", "5", "--samples", "1"], cwd=ROOT, capture_output=True,
-                            text=True)
-    assert result.returncode == 0, result.stderr[-2000:]
-    report = json.loads((out / "eval.json").read_text())
+            f"data.cache_dir={tmp_path / 'cache'}", "train.seq_len=128"]
+    report = train_and_eval(out, args)
     assert 0.0 <= report["transcription_accuracy"] <= 1.0
     assert set(report["validation"]) == {"text", "image", "audio", "video"}
     spoken = subprocess.run([sys.executable, "-m", "experiments.generate", str(out), "--prompt",

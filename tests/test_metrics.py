@@ -10,7 +10,7 @@ import torch
 
 from experiments.metrics import caption_accuracy, continuation_logprobs, generation_accuracy
 from mot.model import MultimodalTransformer
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, train_and_eval
 
 SPECIALS = {"bos": 1, "eos": 2, "boi": 3, "eoi": 4}
 ROOT = Path(__file__).parent.parent
@@ -88,15 +88,8 @@ def test_eval_reads_pixel_patches_for_continuous_images(tmp_path):
             "model.n_layers=1", "data.num_tokens=20000", "data.vq_steps=100",
             "model.modalities.image.input=continuous", "model.modalities.image.feature_dim=4",
             "model.modalities.image.loss=regression", "model.fusion=late",
-            f"data.cache_dir={tmp_path / 'cache'}", f"train.out_dir={out}", "train.seq_len=64"]
-    done = subprocess.run([sys.executable, "-m", "experiments.train", *args], cwd=ROOT,
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    result = subprocess.run([sys.executable, "-m", "experiments.eval", str(out), "--batches", "1",
-                             "--images", "5", "--samples", "1"], cwd=ROOT, capture_output=True,
-                            text=True)
-    assert result.returncode == 0, result.stderr[-2000:]
-    report = json.loads((out / "eval.json").read_text())
+            f"data.cache_dir={tmp_path / 'cache'}", "train.seq_len=64"]
+    report = train_and_eval(out, args)
     assert 0.0 <= report["caption_accuracy"] <= 1.0
     assert report["generation_accuracy"] is None  # no image head to sample from
     assert report["validation"]["image_mse"]["perplexity"] is None
