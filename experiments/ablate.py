@@ -34,6 +34,7 @@ from pathlib import Path
 
 import yaml
 
+from experiments.allocator import keep_freed_memory
 from experiments.checkpoint import atomic_write_bytes, atomic_write_text
 from experiments.config import check, config_to_dict, load_config, model_dict
 from experiments.data import build_stream
@@ -308,6 +309,7 @@ def write_results(out: Path, rows: list[dict], targets: dict, grid: dict, seeds:
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory()
     parser = argparse.ArgumentParser(prog="python -m experiments.ablate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_GRID), help="ablation grid (YAML)")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from experiments.allocator import keep_freed_memory
 from experiments.checkpoint import atomic_write_text
 from experiments.run import load_run
 
@@ -41,6 +42,7 @@ def validation_metrics(model, stream, batch_size: int, seq_len: int, batches: in
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory()
     parser = argparse.ArgumentParser(prog="python -m experiments.eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir")

@@ -23,11 +23,13 @@ from pathlib import Path
 
 import torch
 
+from experiments.allocator import keep_freed_memory
 from experiments.run import load_run
 from mot.generate import generate
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory()
     parser = argparse.ArgumentParser(prog="python -m experiments.generate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir")

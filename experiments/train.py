@@ -33,6 +33,7 @@ import yaml
 
 from experiments import dcp
 from experiments import distributed as dist
+from experiments.allocator import keep_freed_memory
 from experiments.checkpoint import (
     atomic_write_text,
     checkpoint_dir,
@@ -330,6 +331,7 @@ def _train(cfg: RunConfig, par: dist.Parallel, progress: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory()
     parser = argparse.ArgumentParser(prog="python -m experiments.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML preset")
