@@ -23,6 +23,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from moe import cpu_gemm
+
 
 @dataclass
 class Grouping:
@@ -195,7 +197,10 @@ class _ContiguousGrad(torch.autograd.Function):
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """x (N, D_in) rows grouped by id, weight (G, D_in, D_out), offsets (G,) int32 group ends
-    -> (N, D_out). One grouped GEMM where it applies, else the per-group loop."""
+    -> (N, D_out). One grouped GEMM where it applies, else the per-group loop; half precision
+    on CPU cuts the groups into few distinct shapes (`moe.cpu_gemm`)."""
+    if cpu_gemm.applies(x, weight):
+        return cpu_gemm.split_grouped_linear(x, weight, offsets)
     if _grouped_mm_applies(x, weight):
         y = F.grouped_mm(x.contiguous(), weight, offs=offsets)
         return _ContiguousGrad.apply(y) if y.requires_grad else y

@@ -1,0 +1,109 @@
+"""Grouped GEMM for bfloat16 / float16 on CPU, cut so that oneDNN sees few distinct shapes.
+
+On CPU, half-precision matmuls run through oneDNN, which compiles (JITs) a kernel for every new
+shape it meets: 2-8 ms, against 0.5 ms for the (1024, 512) x (512, 1024) product itself. Expert
+and modality groups change size every step, so a plain per-group loop (and torch's CPU
+`grouped_mm`, which is one) compiles nearly every call: a bfloat16 MoE FFN whose routing changes
+between steps ran 3-4x slower than the same step with repeated routing (see README, Benchmarks).
+
+Here every GEMM runs on a whole number of 64-row blocks, so oneDNN sees row counts that are
+multiples of 64 only and, after a short warm-up, every call hits its primitive cache. Products
+by rows (the forward, the input gradient) round each group up to whole blocks, reading into the
+next group's rows and writing garbage that the next group then overwrites; the weight gradient
+(a sum over rows) runs the whole blocks, then the last partial block zero-padded (`addmm_`).
+The rounding costs at most 63 rows of FLOPs per group; the readable definition is
+`moe.grouping.grouped_linear_reference`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BLOCK = 64
+
+
+def head_end(start: int, end: int, block: int = BLOCK) -> int:
+    """The end of the whole-block head of rows [start, end)."""
+    return start + (end - start) // block * block
+
+
+def spans_of(offsets: torch.Tensor) -> list[tuple[int, int]]:
+    ends = offsets.tolist()
+    return list(zip([0] + ends[:-1], ends))
+
+
+def _padded(rows: torch.Tensor) -> torch.Tensor:
+    """(r < BLOCK, D) -> (BLOCK, D), zeros below."""
+    out = rows.new_zeros(BLOCK, rows.shape[1])
+    out[:rows.shape[0]] = rows
+    return out
+
+
+def rows_times(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, s: int, e: int) -> None:
+    """out[s:e] = a[s:e] @ b, computing whole blocks: a block that runs past e reads the next
+    group's rows and writes garbage into the next group's output rows, which that group
+    overwrites afterwards (groups are computed in order). Near the end of the buffer the tail
+    runs zero-padded instead."""
+    if e == s:
+        return
+    stop = s + -(-(e - s) // BLOCK) * BLOCK
+    if stop <= a.shape[0]:
+        torch.mm(a[s:stop], b, out=out[s:stop])
+        return
+    cut = head_end(s, e)
+    if cut > s:
+        torch.mm(a[s:cut], b, out=out[s:cut])
+    if e > cut:
+        out[cut:e] = (_padded(a[cut:e]) @ b)[:e - cut]
+
+
+def rows_inner(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, s: int, e: int) -> None:
+    """out = a[s:e]^T @ b[s:e] (zeros for no rows)."""
+    cut = head_end(s, e)
+    if cut > s:
+        torch.mm(a[s:cut].t(), b[s:cut], out=out)
+    else:
+        out.zero_()
+    if e > cut:
+        out.addmm_(_padded(a[cut:e]).t(), _padded(b[cut:e]))
+
+
+class SplitGroupedMM(torch.autograd.Function):
+    """x (N, D_in) grouped rows, weight (G, D_in, D_out), spans [(start, end)] per group in
+    order -> (N, D_out); rows past the last group give zeros."""
+
+    @staticmethod
+    def forward(ctx, x, weight, spans):
+        ctx.save_for_backward(x, weight)
+        ctx.spans = spans
+        y = x.new_empty(x.shape[0], weight.shape[2])
+        for g, (s, e) in enumerate(spans):
+            rows_times(x, weight[g], y, s, e)
+        y[spans[-1][1] if spans else 0:] = 0  # rows past the last group (and its spill)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.empty_like(x)
+            for g, (s, e) in enumerate(ctx.spans):
+                rows_times(grad, weight[g].t(), grad_x, s, e)
+            grad_x[ctx.spans[-1][1] if ctx.spans else 0:] = 0
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.empty_like(weight)
+            for g, (s, e) in enumerate(ctx.spans):
+                rows_inner(x, grad, grad_w[g], s, e)
+        return grad_x, grad_w, None
+
+
+def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+            and weight.dtype == x.dtype)
+
+
+def split_grouped_linear(x: torch.Tensor, weight: torch.Tensor,
+                         offsets: torch.Tensor) -> torch.Tensor:
+    return SplitGroupedMM.apply(x.contiguous(), weight, spans_of(offsets))
