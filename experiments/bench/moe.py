@@ -8,11 +8,16 @@ HuggingFace `MixtralSparseMoeBlock` (from `transformers`, a test/benchmark extra
 `eager` and `grouped_mm` expert implementations and the same weights as ours (loaded with
 `moe.interop.from_hf`), so every MoE variant routes identically. Ours includes its load-balancing
 and z-losses (defaults); HF's block computes none.
+
+`--routing fresh` (the default) feeds every call a new batch, so expert group sizes change from
+call to call as they do between training steps (every variant sees the same batches in the same
+order); `--routing fixed` repeats one batch.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 
@@ -21,6 +26,8 @@ import torch
 from experiments.bench import paired_ratio, time_rounds
 from moe.interop import from_hf
 from moe.layers import SwiGLU
+
+WARMUP = 2
 
 
 def hf_mixtral(dim: int, hidden: int, experts: int, top_k: int, implementation: str):
@@ -46,6 +53,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--routing", choices=("fresh", "fixed"), default="fresh",
+                        help="a new batch per call (group sizes change), or one batch")
     args = parser.parse_args(argv)
     N, D, H, E, k = args.tokens, args.dim, args.hidden, args.experts, args.top_k
     try:
@@ -56,7 +65,7 @@ def main(argv: list[str]) -> int:
               "(pip install -e '.[dev]')")
         hf_impls = []
     print(f"one MoE FFN, fwd+bwd, {N} tokens, D={D}, expert FFN={H}, {E} experts, top-{k}, "
-          f"dropless, {torch.get_num_threads()} threads")
+          f"dropless, {args.routing} routing, {torch.get_num_threads()} threads")
     columns = ["dense"] + ["moe"] + [f"hf_{i}" for i in hf_impls]
     print(f"{'dtype':<10}" + "".join(f"{c + ' ms':>18}" for c in columns)
           + f"{'moe/dense':>11}{'moe/hf best':>13}")
@@ -73,17 +82,21 @@ def main(argv: list[str]) -> int:
 
             ours = MoE(MoEConfig(dim=D, hidden=H, num_experts=E, top_k=k)).to(dtype)
         dense = SwiGLU(D, k * H).to(dtype)
-        x = torch.randn(1, N, D, dtype=dtype, requires_grad=True)
+        batches = [torch.randn(1, N, D, dtype=dtype, requires_grad=True)
+                   for _ in range(WARMUP + args.repeats if args.routing == "fresh" else 1)]
 
         def step(module):
+            calls = itertools.count()
+
             def run():
+                x = batches[next(calls) % len(batches)]
                 x.grad = None
                 module(x).float().square().mean().backward()
             return run
 
         fns = {"dense": step(dense), "moe": step(ours)}
         fns |= {f"hf_{i}": step(block) for i, block in hf.items()}
-        rounds = time_rounds(fns, repeats=args.repeats)
+        rounds = time_rounds(fns, repeats=args.repeats, warmup=WARMUP)
         t = {name: statistics.median(ts) for name, ts in rounds.items()}
         r = {"moe_vs_dense": round(paired_ratio(rounds, "moe", "dense"), 3)}
         if hf:

@@ -6,11 +6,16 @@ Tokens of 3 modalities are interleaved in runs (as in real documents). All varia
 causal mask, rotary tables, dtype and thread count. MoT's block takes its input as the backbone
 holds it between layers, rows grouped by modality; its time includes building the grouping
 (which a full model amortises over all layers).
+
+`--layouts fresh` (the default) gives every call a new batch with its own modality layout, so
+group sizes change from call to call as between training steps (every variant sees the same
+batches in the same order); `--layouts fixed` repeats one.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 
@@ -23,6 +28,8 @@ from mot.attention import build_mask
 from mot.config import ModelConfig
 from mot.layers import Rotary
 from mot.model import TransformerLayer
+
+WARMUP = 2
 
 
 def interleaved_runs(B: int, T: int, M: int, generator: torch.Generator) -> torch.Tensor:
@@ -46,6 +53,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--layouts", choices=("fresh", "fixed"), default="fresh",
+                        help="a new modality layout per call, or one layout")
     args = parser.parse_args(argv)
     B, T, M = args.batch, args.seq, 3
     modalities = [{"name": n, "vocab_size": 16} for n in ("text", "image", "audio")]
@@ -54,12 +63,14 @@ def main(argv: list[str]) -> int:
     dense_cfg = ModelConfig(**common, layers="dense")
     mot_cfg = ModelConfig(**common, layers="mot", blocks={"mot": {"untie": "all"}})
     generator = torch.Generator().manual_seed(0)
-    modality = interleaved_runs(B, T, M, generator)
-    mask = build_mask(dense_cfg.attention, modality, None, [])
+    calls = WARMUP + args.repeats if args.layouts == "fresh" else 1
+    layouts = [interleaved_runs(B, T, M, generator) for _ in range(calls)]
+    masks = [build_mask(dense_cfg.attention, modality, None, []) for modality in layouts]
     positions = torch.arange(T).expand(B, T)
     ratios = {}
     print(f"one block, fwd+bwd, B={B} T={T} D={args.dim} heads={args.heads} "
-          f"FFN={args.hidden}, {M} modalities, {torch.get_num_threads()} threads")
+          f"FFN={args.hidden}, {M} modalities, {args.layouts} layouts, "
+          f"{torch.get_num_threads()} threads")
     print(f"{'dtype':<10}{'dense ms':>10}{'MoT ms':>10}{'mask-loop ms':>14}"
           f"{'MoT/dense':>11}{'MoT/loop':>10}")
     for dtype_name in args.dtypes.split(","):
@@ -70,24 +81,29 @@ def main(argv: list[str]) -> int:
         loop = MaskLoopMoTLayer(M, args.dim, args.heads, args.hidden).to(dtype)
         loop.copy_from(mot)
         rope = Rotary(dense_cfg.head_dim, dense_cfg.rope_theta)(positions, dtype)
-        x = torch.randn(B, T, args.dim, dtype=dtype, requires_grad=True)
-        # MoT's residual stream is grouped by modality, as the backbone keeps it between layers
-        x_rows = Grouping.from_ids(modality, M).permute(x.detach().view(B * T, -1))
-        x_rows.requires_grad_()
+        batches = []
+        for modality, mask in zip(layouts, masks):
+            x = torch.randn(B, T, args.dim, dtype=dtype, requires_grad=True)
+            # MoT's residual stream is grouped by modality, as the backbone keeps it
+            x_rows = Grouping.from_ids(modality, M).permute(x.detach().view(B * T, -1))
+            batches.append((x, x_rows.requires_grad_(), modality, mask))
 
-        def step(fn, inp):
+        def step(fn):
+            calls = itertools.count()
+
             def run():
-                inp.grad = None
-                fn().float().square().mean().backward()
+                x, x_rows, modality, mask = batches[next(calls) % len(batches)]
+                x.grad = x_rows.grad = None
+                fn(x, x_rows, modality, mask).float().square().mean().backward()
             return run
 
         fns = {
-            "dense": step(lambda: dense(x, modality, rope, mask), x),
-            "mot": step(lambda: mot(x_rows, Grouping.from_ids(modality, M, grouped=True), rope,
-                                    mask), x_rows),
-            "maskloop": step(lambda: loop(x, modality, rope, mask), x),
+            "dense": step(lambda x, x_rows, modality, mask: dense(x, modality, rope, mask)),
+            "mot": step(lambda x, x_rows, modality, mask: mot(
+                x_rows, Grouping.from_ids(modality, M, grouped=True), rope, mask)),
+            "maskloop": step(lambda x, x_rows, modality, mask: loop(x, modality, rope, mask)),
         }
-        rounds = time_rounds(fns, repeats=args.repeats)
+        rounds = time_rounds(fns, repeats=args.repeats, warmup=WARMUP)
         t = {name: statistics.median(ts) for name, ts in rounds.items()}
         ratios[dtype_name] = {"mot_vs_dense": round(paired_ratio(rounds, "mot", "dense"), 3),
                               "mot_vs_maskloop": round(paired_ratio(rounds, "mot", "maskloop"), 3)}
