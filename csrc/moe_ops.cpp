@@ -15,10 +15,12 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
+#include <cstring>
 #include <vector>
 
 #include "moe_checks.h"
 #include "moe_index.h"
+#include "moe_rows_cpu.h"
 
 namespace moe_ops {
 
@@ -58,8 +60,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sort_by_group_cpu(const at::Tenso
   return {order, inverse, counts};
 }
 
-// The CPU loops work row by row: the index arithmetic (moe_index.h) once per row, then a plain
-// loop over the row that the compiler vectorises.
+// The CPU loops work row by row: the index arithmetic (moe_index.h) once per row, then the
+// vectorised row loops of moe_rows_cpu.h.
 template <typename scalar_t>
 void permute_kernel(const scalar_t* x, const int64_t* order, const float* w, scalar_t* out,
                     int64_t S, int64_t D, int64_t k, int64_t kept) {
@@ -69,17 +71,14 @@ void permute_kernel(const scalar_t* x, const int64_t* order, const float* w, sca
     scalar_t* dst = out + row * D;
     const int64_t slot = row_slot(order, kept, row);
     if (slot < 0) {
-      std::fill(dst, dst + D, scalar_t(0));
+      std::memset(static_cast<void*>(dst), 0, D * sizeof(scalar_t));
       continue;
     }
     const scalar_t* src = x + token_of_slot(slot, k) * D;
     if (w == nullptr) {
-      std::copy(src, src + D, dst);
+      std::memcpy(static_cast<void*>(dst), src, D * sizeof(scalar_t));
     } else {
-      const acc_t scale = static_cast<acc_t>(w[slot]);
-      for (int64_t d = 0; d < D; ++d) {
-        dst[d] = static_cast<scalar_t>(static_cast<acc_t>(src[d]) * scale);
-      }
+      rows::scale<scalar_t, acc_t>(src, static_cast<acc_t>(w[slot]), dst, D);
     }
   }
 }
@@ -99,18 +98,18 @@ void unpermute_kernel(const scalar_t* y, const int64_t* inverse, const float* w,
         const int64_t slot = t * k + j;
         const int64_t row = slot_row(inverse, kept, slot);
         if (row < 0) continue;
-        const scalar_t* src = y + row * D;
         const acc_t scale = w == nullptr ? acc_t(1) : static_cast<acc_t>(w[slot]);
-        if (used++ == 0) {
-          for (int64_t d = 0; d < D; ++d) acc[d] = static_cast<acc_t>(src[d]) * scale;
-        } else {
-          for (int64_t d = 0; d < D; ++d) acc[d] += static_cast<acc_t>(src[d]) * scale;
+        if (k == 1 && w == nullptr) {  // a plain copy
+          std::memcpy(static_cast<void*>(dst), y + row * D, D * sizeof(scalar_t));
+          used = -1;
+          break;
         }
+        rows::accumulate<scalar_t, acc_t>(acc.data(), y + row * D, scale, D, used++ == 0);
       }
       if (used == 0) {
-        std::fill(dst, dst + D, scalar_t(0));
-      } else {
-        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(acc[d]);
+        std::memset(static_cast<void*>(dst), 0, D * sizeof(scalar_t));
+      } else if (used > 0) {
+        rows::store<scalar_t, acc_t>(acc.data(), dst, D);
       }
     }
   }
@@ -122,7 +121,9 @@ void slot_dots_kernel(const scalar_t* a, const scalar_t* b, const int64_t* inver
   using acc_t = at::opmath_type<scalar_t>;
 #pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
   for (int64_t s = 0; s < S; ++s) {
-    out[s] = static_cast<float>(slot_dot<scalar_t, acc_t>(a, b, inverse, k, kept, s, D));
+    const int64_t row = slot_row(inverse, kept, s);
+    out[s] = row < 0 ? 0.f : static_cast<float>(rows::dot<scalar_t, acc_t>(
+                                 a + token_of_slot(s, k) * D, b + row * D, D));
   }
 }
 

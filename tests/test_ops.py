@@ -78,6 +78,43 @@ def test_rows_ops_equal_reference(dtype, N, k, G, capacity, empty_group):
                                atol=1e-4 if dtype != torch.float64 else 1e-12, rtol=1e-3)
 
 
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("D", [1, 31, 33, 100, 1024])
+def test_vectorised_rows_equal_reference(dtype, D):
+    """Row lengths around and across the vector widths; bfloat16 rounding is bit-exact."""
+    ids, priority, _ = case(40, 2, 5, None, False, seed=2)
+    order, inverse, counts = ops.sort_by_group(ids, 5, priority)
+    S = order.numel()
+    x = (torch.randn(40, D) * 3).to(dtype)
+    y = (torch.randn(S, D) * 3).to(dtype)
+    w = torch.rand(S)
+    assert torch.equal(torch.ops.moe_ops.permute_rows(x, order, inverse, w, 2, S),
+                       ops.permute_rows_reference(x, order, inverse, w, 2, S))
+    torch.testing.assert_close(torch.ops.moe_ops.unpermute_rows(y, order, inverse, w, 2, S),
+                               ops.unpermute_rows_reference(y, order, inverse, w, 2, S),
+                               atol=1e-5, rtol=1e-5 if dtype == torch.float32 else 8e-3)
+    torch.testing.assert_close(torch.ops.moe_ops.slot_dots(x, y, order, inverse, 2, S),
+                               ops.slot_dots_reference(x, y, order, inverse, 2, S),
+                               atol=1e-3 * D ** 0.5, rtol=1e-4)
+
+
+@needs_kernels
+def test_bfloat16_rounding_of_special_values_matches_torch():
+    """Ties to even, overflow to infinity, NaN and infinities kept, through the scaled copy."""
+    vals = torch.tensor([1.0, 1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, -2.5, 3.0e38, float("inf"),
+                         float("-inf"), float("nan"), 0.0, -0.0, 1e-40] * 4)
+    x = vals.to(torch.bfloat16).view(1, -1)
+    order = torch.zeros(1, dtype=torch.long)
+    for scale in (1.0, 1.0 + 2 ** -8, 2.0, 0.3):
+        w = torch.tensor([scale])
+        got = torch.ops.moe_ops.permute_rows(x, order, order, w, 1, 1)
+        want = ops.permute_rows_reference(x, order, order, w, 1, 1)
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16)) or (
+            torch.equal(got.isnan(), want.isnan())
+            and torch.equal(got[~got.isnan()], want[~want.isnan()]))
+
+
 def test_duplicate_groups_within_a_token():
     """A token may send two of its slots to the same group: both rows exist and both count."""
     ids = torch.tensor([2, 2, 0, 1])  # token 0 chooses group 2 twice

@@ -1,0 +1,154 @@
+// Row loops of the CPU kernels (moe_ops.cpp): scale, accumulate, store and dot one row of D
+// values, accumulating in float32 (float64 for double).
+//
+// float32 and bfloat16 get their own loops, compiled for AVX-512, AVX2 and baseline x86-64
+// (GCC picks one when the library loads: `target_clones`), with bfloat16 converted by bit
+// operations that vectorise (round to nearest even, NaN kept: the same bits as c10::BFloat16).
+// The dot products use `omp simd` reductions, which reorder the sum. Other types take the
+// generic loops.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+
+#include <bit>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define MOE_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#else
+#define MOE_CLONES
+#endif
+
+namespace moe_ops {
+namespace rows {
+
+inline float from_bf16(uint16_t v) { return std::bit_cast<float>(static_cast<uint32_t>(v) << 16); }
+
+inline uint16_t to_bf16(float f) {
+  const uint32_t u = std::bit_cast<uint32_t>(f);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return (u & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t(0x7FC0) : static_cast<uint16_t>(rounded);
+}
+
+// ---- generic: any scalar type, accumulating in acc_t ---------------------------------------
+
+template <typename scalar_t, typename acc_t>
+inline void scale(const scalar_t* src, acc_t s, scalar_t* dst, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(static_cast<acc_t>(src[d]) * s);
+}
+
+// acc = src * s (first) or acc += src * s
+template <typename scalar_t, typename acc_t>
+inline void accumulate(acc_t* acc, const scalar_t* src, acc_t s, int64_t D, bool first) {
+  if (first) {
+    for (int64_t d = 0; d < D; ++d) acc[d] = static_cast<acc_t>(src[d]) * s;
+  } else {
+    for (int64_t d = 0; d < D; ++d) acc[d] += static_cast<acc_t>(src[d]) * s;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline void store(const acc_t* acc, scalar_t* dst, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(acc[d]);
+}
+
+template <typename scalar_t, typename acc_t>
+inline acc_t dot(const scalar_t* a, const scalar_t* b, int64_t D) {
+  acc_t acc = acc_t(0);
+  for (int64_t d = 0; d < D; ++d) acc += static_cast<acc_t>(a[d]) * static_cast<acc_t>(b[d]);
+  return acc;
+}
+
+// ---- float32 -------------------------------------------------------------------------------
+
+MOE_CLONES static void scale_f32(const float* src, float s, float* dst, int64_t D) {
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) dst[d] = src[d] * s;
+}
+
+MOE_CLONES static void accumulate_f32(float* acc, const float* src, float s, int64_t D,
+                                      bool first) {
+  if (first) {
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) acc[d] = src[d] * s;
+  } else {
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) acc[d] += src[d] * s;
+  }
+}
+
+MOE_CLONES static float dot_f32(const float* a, const float* b, int64_t D) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t d = 0; d < D; ++d) acc += a[d] * b[d];
+  return acc;
+}
+
+template <>
+inline void scale<float, float>(const float* src, float s, float* dst, int64_t D) {
+  scale_f32(src, s, dst, D);
+}
+template <>
+inline void accumulate<float, float>(float* acc, const float* src, float s, int64_t D,
+                                     bool first) {
+  accumulate_f32(acc, src, s, D, first);
+}
+template <>
+inline float dot<float, float>(const float* a, const float* b, int64_t D) {
+  return dot_f32(a, b, D);
+}
+
+// ---- bfloat16 (as its uint16 bits) ----------------------------------------------------------
+
+MOE_CLONES static void scale_bf16(const uint16_t* src, float s, uint16_t* dst, int64_t D) {
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) dst[d] = to_bf16(from_bf16(src[d]) * s);
+}
+
+MOE_CLONES static void accumulate_bf16(float* acc, const uint16_t* src, float s, int64_t D,
+                                       bool first) {
+  if (first) {
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) acc[d] = from_bf16(src[d]) * s;
+  } else {
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) acc[d] += from_bf16(src[d]) * s;
+  }
+}
+
+MOE_CLONES static void store_bf16(const float* acc, uint16_t* dst, int64_t D) {
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) dst[d] = to_bf16(acc[d]);
+}
+
+MOE_CLONES static float dot_bf16(const uint16_t* a, const uint16_t* b, int64_t D) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t d = 0; d < D; ++d) acc += from_bf16(a[d]) * from_bf16(b[d]);
+  return acc;
+}
+
+using bf16 = c10::BFloat16;
+inline const uint16_t* bits(const bf16* p) { return reinterpret_cast<const uint16_t*>(p); }
+inline uint16_t* bits(bf16* p) { return reinterpret_cast<uint16_t*>(p); }
+
+template <>
+inline void scale<bf16, float>(const bf16* src, float s, bf16* dst, int64_t D) {
+  scale_bf16(bits(src), s, bits(dst), D);
+}
+template <>
+inline void accumulate<bf16, float>(float* acc, const bf16* src, float s, int64_t D, bool first) {
+  accumulate_bf16(acc, bits(src), s, D, first);
+}
+template <>
+inline void store<bf16, float>(const float* acc, bf16* dst, int64_t D) {
+  store_bf16(acc, bits(dst), D);
+}
+template <>
+inline float dot<bf16, float>(const bf16* a, const bf16* b, int64_t D) {
+  return dot_bf16(bits(a), bits(b), D);
+}
+
+}  // namespace rows
+}  // namespace moe_ops
