@@ -27,7 +27,6 @@ from experiments.bench import paired_ratio, time_rounds
 from moe.interop import from_hf
 from moe.layers import SwiGLU
 
-WARMUP = 2
 
 
 def hf_mixtral(dim: int, hidden: int, experts: int, top_k: int, implementation: str):
@@ -52,6 +51,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=8,
+                        help="untimed calls first, like a training run's first steps")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--routing", choices=("fresh", "fixed"), default="fresh",
                         help="a new batch per call (group sizes change), or one batch")
@@ -83,7 +84,7 @@ def main(argv: list[str]) -> int:
             ours = MoE(MoEConfig(dim=D, hidden=H, num_experts=E, top_k=k)).to(dtype)
         dense = SwiGLU(D, k * H).to(dtype)
         batches = [torch.randn(1, N, D, dtype=dtype, requires_grad=True)
-                   for _ in range(WARMUP + args.repeats if args.routing == "fresh" else 1)]
+                   for _ in range(args.warmup + args.repeats if args.routing == "fresh" else 1)]
 
         def step(module):
             calls = itertools.count()
@@ -96,7 +97,7 @@ def main(argv: list[str]) -> int:
 
         fns = {"dense": step(dense), "moe": step(ours)}
         fns |= {f"hf_{i}": step(block) for i, block in hf.items()}
-        rounds = time_rounds(fns, repeats=args.repeats, warmup=WARMUP)
+        rounds = time_rounds(fns, repeats=args.repeats, warmup=args.warmup)
         t = {name: statistics.median(ts) for name, ts in rounds.items()}
         r = {"moe_vs_dense": round(paired_ratio(rounds, "moe", "dense"), 3)}
         if hf:

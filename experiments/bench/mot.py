@@ -29,7 +29,6 @@ from mot.config import ModelConfig
 from mot.layers import Rotary
 from mot.model import TransformerLayer
 
-WARMUP = 2
 
 
 def interleaved_runs(B: int, T: int, M: int, generator: torch.Generator) -> torch.Tensor:
@@ -52,6 +51,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=8,
+                        help="untimed calls first, like a training run's first steps")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--layouts", choices=("fresh", "fixed"), default="fresh",
                         help="a new modality layout per call, or one layout")
@@ -63,7 +64,7 @@ def main(argv: list[str]) -> int:
     dense_cfg = ModelConfig(**common, layers="dense")
     mot_cfg = ModelConfig(**common, layers="mot", blocks={"mot": {"untie": "all"}})
     generator = torch.Generator().manual_seed(0)
-    calls = WARMUP + args.repeats if args.layouts == "fresh" else 1
+    calls = args.warmup + args.repeats if args.layouts == "fresh" else 1
     layouts = [interleaved_runs(B, T, M, generator) for _ in range(calls)]
     masks = [build_mask(dense_cfg.attention, modality, None, []) for modality in layouts]
     positions = torch.arange(T).expand(B, T)
@@ -103,7 +104,7 @@ def main(argv: list[str]) -> int:
                 x_rows, Grouping.from_ids(modality, M, grouped=True), rope, mask)),
             "maskloop": step(lambda x, x_rows, modality, mask: loop(x, modality, rope, mask)),
         }
-        rounds = time_rounds(fns, repeats=args.repeats, warmup=WARMUP)
+        rounds = time_rounds(fns, repeats=args.repeats, warmup=args.warmup)
         t = {name: statistics.median(ts) for name, ts in rounds.items()}
         ratios[dtype_name] = {"mot_vs_dense": round(paired_ratio(rounds, "mot", "dense"), 3),
                               "mot_vs_maskloop": round(paired_ratio(rounds, "mot", "maskloop"), 3)}
