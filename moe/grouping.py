@@ -160,9 +160,7 @@ def grouped_linear_reference(x: torch.Tensor, weight: torch.Tensor,
                              offsets: torch.Tensor) -> torch.Tensor:
     """The readable definition: rows [offsets[g-1], offsets[g]) times weight[g].
     x (N, D_in) grouped rows, weight (G, D_in, D_out), offsets (G,) group ends -> (N, D_out)."""
-    ends = offsets.tolist()
-    starts = [0] + ends[:-1]
-    outs = [x[s:e] @ weight[g] for g, (s, e) in enumerate(zip(starts, ends))]
+    outs = [x[s:e] @ weight[g] for g, (s, e) in enumerate(cpu_gemm.spans_of(offsets))]
     return torch.cat(outs) if outs else x.new_zeros(0, weight.shape[-1])
 
 

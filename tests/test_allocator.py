@@ -28,9 +28,10 @@ def probe(choice: str) -> subprocess.CompletedProcess:
 
 def glibc_linux() -> bool:
     try:
-        return os.path.exists("/proc/self/maps") and os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
+        libc = os.confstr("CS_GNU_LIBC_VERSION") or ""
     except (AttributeError, ValueError, OSError):
         return False
+    return os.path.exists("/proc/self/maps") and libc.startswith("glibc")
 
 
 @pytest.mark.skipif(not glibc_linux(), reason="needs glibc and /proc (Linux)")

@@ -28,7 +28,6 @@ from moe.interop import from_hf
 from moe.layers import SwiGLU
 
 
-
 def hf_mixtral(dim: int, hidden: int, experts: int, top_k: int, implementation: str):
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock

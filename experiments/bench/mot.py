@@ -30,7 +30,6 @@ from mot.layers import Rotary
 from mot.model import TransformerLayer
 
 
-
 def interleaved_runs(B: int, T: int, M: int, generator: torch.Generator) -> torch.Tensor:
     """(B, T) modality ids in runs of 16..256 tokens, like interleaved documents."""
     rows = []
