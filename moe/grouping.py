@@ -51,10 +51,8 @@ class Grouping:
         flat = check_ids(ids, num_groups).reshape(-1).long()
         order, position, counts = sort_by_group(flat, num_groups)
         offsets = counts.cumsum(0)
-        ends = offsets.tolist()
-        spans = list(zip([0] + ends[:-1], ends))
         return Grouping(flat, flat[order], order, position, counts, offsets.to(torch.int32),
-                        spans, tuple(ids.shape), grouped)
+                        cpu_gemm.spans_of(offsets), tuple(ids.shape), grouped)
 
     @property
     def num_groups(self) -> int:
