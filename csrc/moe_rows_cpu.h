@@ -10,12 +10,13 @@
 
 #include <c10/util/BFloat16.h>
 
-#include <bit>
 #include <cstdint>
 #include <cstring>
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define MOE_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+// The clones are chosen by CPU features: x86-64-v4 (AVX-512) and v3 (AVX2, FMA), GCC 12 and
+// newer. (A CPU-model clone such as arch=skylake-avx512 is chosen only on that very model.)
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 12
+#define MOE_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define MOE_CLONES
 #endif
@@ -23,10 +24,13 @@
 namespace moe_ops {
 namespace rows {
 
-inline float from_bf16(uint16_t v) { return std::bit_cast<float>(static_cast<uint32_t>(v) << 16); }
+// always_inline with builtins: the clones below may only inline what is marked so.
+inline __attribute__((always_inline)) float from_bf16(uint16_t v) {
+  return __builtin_bit_cast(float, static_cast<uint32_t>(v) << 16);
+}
 
-inline uint16_t to_bf16(float f) {
-  const uint32_t u = std::bit_cast<uint32_t>(f);
+inline __attribute__((always_inline)) uint16_t to_bf16(float f) {
+  const uint32_t u = __builtin_bit_cast(uint32_t, f);
   const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
   return (u & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t(0x7FC0) : static_cast<uint16_t>(rounded);
 }

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moe import fused
 from moe.grouping import as_grouping, grouped_linear, grouped_linear_reference
 from moe.stats import RoutingStats
 
@@ -26,7 +27,7 @@ class SwiGLU(nn.Module):
         self.w2 = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor, modality=None) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(fused.swiglu(self.w1(x), self.w3(x)))
 
 
 class GroupedLinear(nn.Module):
@@ -75,7 +76,8 @@ class GroupedSwiGLU(nn.Module):
         """x (N, D) rows grouped by id, offsets (G,) group ends -> (N, D). Rows past the last
         offset are not computed. `reference` runs the per-group loop instead of grouped GEMMs."""
         mm = grouped_linear_reference if reference else grouped_linear
-        h = F.silu(mm(x, self.w1, offsets)) * mm(x, self.w3, offsets)  # (N, H)
+        gate, up = mm(x, self.w1, offsets), mm(x, self.w3, offsets)  # (N, H) each
+        h = F.silu(gate) * up if reference else fused.swiglu(gate, up)
         return mm(h, self.w2, offsets)  # (N, D)
 
     def group_slices(self):

@@ -2,7 +2,8 @@
 
 Every module here takes `(x, groups=None)`: the dense versions ignore `groups`, and the
 modality-routed versions of `mot.mot` (same call) use it. That one signature is what lets a
-block config swap parts of a layer without the layer knowing.
+block config swap parts of a layer without the layer knowing. Norms and rotary embeddings run
+the fused kernels of `moe.fused` (one pass forward, one backward) where they are built.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from moe import fused
 
 
 class Linear(nn.Linear):
@@ -23,13 +26,15 @@ class Linear(nn.Linear):
 
 
 class RMSNorm(nn.RMSNorm):
-    """`nn.RMSNorm` that accepts (and ignores) the routing argument."""
+    """`nn.RMSNorm` (same parameters and result) that accepts and ignores the routing argument
+    and runs the fused kernel."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__(dim, eps=eps)
 
     def forward(self, x: torch.Tensor, groups=None) -> torch.Tensor:
-        return super().forward(x)
+        eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
+        return fused.rms_norm(x, self.weight, eps)
 
 
 class Rotary(nn.Module):
@@ -48,6 +53,6 @@ class Rotary(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, T, H, hd) rotated by the angles in cos/sin (B, T, 1, hd)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    """x (B, T, H, hd) rotated by the angles in cos/sin (B, T, 1, hd) (rotate-half form:
+    `x * cos + cat(-x2, x1) * sin`, `moe.fused.rotary_reference`)."""
+    return fused.rotary(x, cos, sin)

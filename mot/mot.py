@@ -12,12 +12,14 @@ paper's ablation:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moe import fused
 from moe.grouping import Grouping, row_ids
 from moe.layers import GroupedLinear, GroupedSwiGLU
 from mot.blocks import BlockConfig, register_block
@@ -40,12 +42,11 @@ class GroupedRMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, groups) -> torch.Tensor:
         ids = row_ids(groups, self.num_groups, x)
         if isinstance(groups, Grouping) and groups.grouped:
-            # rows sorted by group: one fused norm per contiguous group, no per-row weights.
-            # `split`/`unbind` rather than slicing: their backward is one cat/stack, where each
-            # slice's backward would zero-fill and accumulate a full-size gradient.
-            rows = x.split([e - s for s, e in groups.spans])
-            return torch.cat([F.rms_norm(part, (self.dim,), weight, self.eps)
-                              for part, weight in zip(rows, self.weight.unbind(0))])
+            # rows sorted by group (x is (N, [heads,] dim)): one fused pass, each run of rows
+            # with its group's weight, no per-row weights
+            per_token = math.prod(x.shape[1:-1])
+            return fused.rms_norm(x, self.weight, self.eps,
+                                  [(e - s) * per_token for s, e in groups.spans])
         # x is (*ids.shape, [heads,] dim): broadcast the per-token weight over any middle dims
         weight = self.weight[ids].view(*ids.shape, *[1] * (x.dim() - ids.dim() - 1), self.dim)
         return F.rms_norm(x, (self.dim,), eps=self.eps) * weight

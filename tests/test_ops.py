@@ -64,6 +64,9 @@ def test_rows_ops_equal_reference(dtype, N, k, G, capacity, empty_group):
     w = torch.rand(N * k)
     tol = dict(atol=0, rtol=0) if dtype in (torch.float32, torch.float64) \
         else dict(atol=1e-2, rtol=1e-2)
+    # k > 1 sums k rows: the kernel may fuse multiply-adds, which rounds once where the
+    # reference rounds twice
+    sum_tol = {key: max(value, 1e-6) for key, value in tol.items()}
     for weights in (None, w):
         torch.testing.assert_close(torch.ops.moe_ops.permute_rows(x, order, inverse, weights, k,
                                                                   kept),
@@ -72,7 +75,7 @@ def test_rows_ops_equal_reference(dtype, N, k, G, capacity, empty_group):
         torch.testing.assert_close(
             torch.ops.moe_ops.unpermute_rows(y, order, inverse, weights, k, kept),
             ops.unpermute_rows_reference(y, order, inverse, weights, k, kept),
-            **(tol if k == 1 else dict(atol=1e-5, rtol=1e-5) | tol))
+            **(tol if k == 1 else sum_tol))
     torch.testing.assert_close(torch.ops.moe_ops.slot_dots(x, y, order, inverse, k, kept),
                                ops.slot_dots_reference(x, y, order, inverse, k, kept),
                                atol=1e-4 if dtype != torch.float64 else 1e-12, rtol=1e-3)

@@ -1,0 +1,497 @@
+// Fused element-wise kernels of the transformer block (CPU): RMSNorm with one weight row per
+// group of rows, the SwiGLU gate silu(a) * b, and rotary embeddings, each forward and backward
+// in one pass over the rows. Unfused, each is a chain of 4-8 torch ops that each read and write
+// the whole tensor; at the sizes of a small model those passes cost as much as the matmuls.
+//
+//   rms_norm(x (M, D), weight (G, D), group_rows [G], eps)  -> y (M, D), rstd (M,)
+//   rms_norm_backward(grad, x, weight, rstd, group_rows)   -> grad_x, grad_weight (G, D)
+//   swiglu(a, b)                                           -> silu(a) * b
+//   swiglu_backward(grad, a, b)                            -> grad_a, grad_b
+//   rotary(x (B, T, H, hd), cos (B, T, hd), sin, transpose) -> rotated x (B, T, H, hd)
+//
+// Rows of group g are the group_rows[g] rows after those of groups < g. Sums run in float32
+// (float64 for double); weights may be float32 under half-precision rows (autocast). The
+// PyTorch references, fake kernels and autograd are in moe/fused.py.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "moe_rows_cpu.h"
+
+namespace moe_ops {
+namespace {
+
+#define FUSED_INLINE inline __attribute__((always_inline))
+
+template <typename T>
+using acc_of = at::opmath_type<T>;
+
+// Loads and stores through the accumulation type; bfloat16 by bit operations (moe_rows_cpu.h).
+template <typename T>
+FUSED_INLINE acc_of<T> load(const T* p, int64_t i) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return rows::from_bf16(reinterpret_cast<const uint16_t*>(p)[i]);
+  } else {
+    return static_cast<acc_of<T>>(p[i]);
+  }
+}
+
+template <typename T, typename A>
+FUSED_INLINE void store(T* p, int64_t i, A v) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    reinterpret_cast<uint16_t*>(p)[i] = rows::to_bf16(static_cast<float>(v));
+  } else {
+    p[i] = static_cast<T>(v);
+  }
+}
+
+// ---- RMSNorm ---------------------------------------------------------------------------------
+
+// Rows [r0, r1) all use the weight row w (D,).
+template <typename T, typename W>
+FUSED_INLINE void rms_forward_rows(const T* x, const W* w, T* y, acc_of<T>* rstd, int64_t r0,
+                                   int64_t r1, int64_t D, double eps) {
+  using A = acc_of<T>;
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* xr = x + r * D;
+    T* yr = y + r * D;
+    A ss = A(0);
+#pragma omp simd reduction(+ : ss)
+    for (int64_t d = 0; d < D; ++d) {
+      const A v = load(xr, d);
+      ss += v * v;
+    }
+    const A inv = A(1) / std::sqrt(ss / A(D) + static_cast<A>(eps));
+    rstd[r] = inv;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) store(yr, d, (load(xr, d) * inv) * static_cast<A>(load(w, d)));
+  }
+}
+
+// grad_x of rows [r0, r1), and their share of grad_weight added into gw (D,).
+template <typename T, typename W>
+FUSED_INLINE void rms_backward_rows(const T* g, const T* x, const W* w, const acc_of<T>* rstd,
+                                    T* gx, acc_of<T>* gw, int64_t r0, int64_t r1, int64_t D) {
+  using A = acc_of<T>;
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* gr = g + r * D;
+    const T* xr = x + r * D;
+    T* gxr = gx + r * D;
+    const A inv = rstd[r];
+    A c = A(0);
+#pragma omp simd reduction(+ : c)
+    for (int64_t d = 0; d < D; ++d) {
+      const A gv = load(gr, d);
+      const A xv = load(xr, d);
+      c += gv * static_cast<A>(load(w, d)) * xv;
+      gw[d] += gv * xv * inv;
+    }
+    c *= inv / A(D);  // mean(gxhat * xhat) / rstd, folded: gx = inv * (g w - x inv * c * inv)
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) {
+      const A xv = load(xr, d);
+      store(gxr, d, inv * (load(gr, d) * static_cast<A>(load(w, d)) - xv * inv * c));
+    }
+  }
+}
+
+// ---- SwiGLU ----------------------------------------------------------------------------------
+
+// exp(x) in float32 that vectorises (std::exp does not without -ffast-math): x = n ln2 + r with
+// |r| <= ln2 / 2, exp(r) by the Cephes expf polynomial (about 1 ulp), times 2^n built from bits.
+// The input is clamped to [-87, 88], which keeps 2^n a normal float; silu and sigmoid only need
+// exp(-a) there to saturate.
+FUSED_INLINE float exp_f32(float x) {
+  x = x < -87.f ? -87.f : (x > 88.f ? 88.f : x);
+  constexpr float round = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float n = (x * 1.44269504088896341f + round) - round;
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  return p * __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
+}
+
+template <typename A>
+FUSED_INLINE A sigmoid(A v) {
+  if constexpr (std::is_same_v<A, float>) {
+    return 1.f / (1.f + exp_f32(-v));
+  } else {
+    return A(1) / (A(1) + std::exp(-v));
+  }
+}
+
+template <typename T>
+FUSED_INLINE void swiglu_forward_range(const T* a, const T* b, T* h, int64_t i0, int64_t i1) {
+  using A = acc_of<T>;
+#pragma omp simd
+  for (int64_t i = i0; i < i1; ++i) {
+    const A av = load(a, i);
+    store(h, i, av * sigmoid(av) * load(b, i));
+  }
+}
+
+template <typename T>
+FUSED_INLINE void swiglu_backward_range(const T* g, const T* a, const T* b, T* ga, T* gb,
+                                        int64_t i0, int64_t i1) {
+  using A = acc_of<T>;
+#pragma omp simd
+  for (int64_t i = i0; i < i1; ++i) {
+    const A av = load(a, i);
+    const A gv = load(g, i);
+    const A s = sigmoid(av);
+    const A silu = av * s;
+    store(gb, i, gv * silu);
+    store(ga, i, gv * load(b, i) * (s + silu * (A(1) - s)));
+  }
+}
+
+// ---- rotary ----------------------------------------------------------------------------------
+
+// One (b, t) position: H heads of hd values at x (head stride xh), angles c, s (hd,).
+//   forward:   out[i] = x[i] c[i] - x[i+h] s[i],   out[i+h] = x[i+h] c[i+h] + x[i] s[i+h]
+//   transpose: out[i] = x[i] c[i] + x[i+h] s[i+h], out[i+h] = x[i+h] c[i+h] - x[i] s[i]
+// (the transpose is the forward's backward with respect to x).
+template <typename T, typename C>
+FUSED_INLINE void rotary_position(const T* x, int64_t xh, const C* c, const C* s, C* out,
+                                  int64_t H, int64_t hd, bool transpose) {
+  using A = acc_of<C>;
+  const int64_t half = hd / 2;
+  for (int64_t head = 0; head < H; ++head) {
+    const T* xr = x + head * xh;
+    C* o = out + head * hd;
+    if (!transpose) {
+#pragma omp simd
+      for (int64_t i = 0; i < half; ++i) {
+        const A x1 = load(xr, i), x2 = load(xr, i + half);
+        store(o, i, x1 * load(c, i) - x2 * load(s, i));
+        store(o, i + half, x2 * load(c, i + half) + x1 * load(s, i + half));
+      }
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < half; ++i) {
+        const A x1 = load(xr, i), x2 = load(xr, i + half);
+        store(o, i, x1 * load(c, i) + x2 * load(s, i + half));
+        store(o, i + half, x2 * load(c, i + half) - x1 * load(s, i));
+      }
+    }
+  }
+}
+
+// ---- vectorised entry points: float32 and bfloat16 compiled for AVX-512 / AVX2 / baseline ----
+
+using bf16 = c10::BFloat16;
+using f32 = float;
+
+#define FUSED_CLONE_RMS(NAME, T, W)                                                            \
+  MOE_CLONES void NAME##_fwd(const T* x, const W* w, T* y, float* rstd, int64_t r0, int64_t r1, \
+                             int64_t D, double eps) {                                          \
+    rms_forward_rows<T, W>(x, w, y, rstd, r0, r1, D, eps);                                     \
+  }                                                                                            \
+  MOE_CLONES void NAME##_bwd(const T* g, const T* x, const W* w, const float* rstd, T* gx,      \
+                             float* gw, int64_t r0, int64_t r1, int64_t D) {                   \
+    rms_backward_rows<T, W>(g, x, w, rstd, gx, gw, r0, r1, D);                                 \
+  }
+FUSED_CLONE_RMS(rms_f32_f32, f32, f32)
+FUSED_CLONE_RMS(rms_bf16_bf16, bf16, bf16)
+FUSED_CLONE_RMS(rms_bf16_f32, bf16, f32)
+
+#define FUSED_CLONE_SWIGLU(NAME, T)                                                            \
+  MOE_CLONES void NAME##_fwd(const T* a, const T* b, T* h, int64_t i0, int64_t i1) {           \
+    swiglu_forward_range<T>(a, b, h, i0, i1);                                                  \
+  }                                                                                            \
+  MOE_CLONES void NAME##_bwd(const T* g, const T* a, const T* b, T* ga, T* gb, int64_t i0,     \
+                             int64_t i1) {                                                     \
+    swiglu_backward_range<T>(g, a, b, ga, gb, i0, i1);                                         \
+  }
+FUSED_CLONE_SWIGLU(swiglu_f32, f32)
+FUSED_CLONE_SWIGLU(swiglu_bf16, bf16)
+
+#define FUSED_CLONE_ROTARY(NAME, T, C)                                                         \
+  MOE_CLONES void NAME(const T* x, int64_t xh, const C* c, const C* s, C* out, int64_t H,     \
+                       int64_t hd, bool transpose) {                                           \
+    rotary_position<T, C>(x, xh, c, s, out, H, hd, transpose);                                 \
+  }
+FUSED_CLONE_ROTARY(rotary_f32_f32, f32, f32)
+FUSED_CLONE_ROTARY(rotary_bf16_bf16, bf16, bf16)
+FUSED_CLONE_ROTARY(rotary_bf16_f32, bf16, f32)
+
+template <typename T, typename W>
+void rms_fwd(const T* x, const W* w, T* y, acc_of<T>* rstd, int64_t r0, int64_t r1, int64_t D,
+             double eps) {
+  if constexpr (std::is_same_v<T, f32> && std::is_same_v<W, f32>) {
+    rms_f32_f32_fwd(x, w, y, rstd, r0, r1, D, eps);
+  } else if constexpr (std::is_same_v<T, bf16> && std::is_same_v<W, bf16>) {
+    rms_bf16_bf16_fwd(x, w, y, rstd, r0, r1, D, eps);
+  } else if constexpr (std::is_same_v<T, bf16> && std::is_same_v<W, f32>) {
+    rms_bf16_f32_fwd(x, w, y, rstd, r0, r1, D, eps);
+  } else {
+    rms_forward_rows<T, W>(x, w, y, rstd, r0, r1, D, eps);
+  }
+}
+
+template <typename T, typename W>
+void rms_bwd(const T* g, const T* x, const W* w, const acc_of<T>* rstd, T* gx, acc_of<T>* gw,
+             int64_t r0, int64_t r1, int64_t D) {
+  if constexpr (std::is_same_v<T, f32> && std::is_same_v<W, f32>) {
+    rms_f32_f32_bwd(g, x, w, rstd, gx, gw, r0, r1, D);
+  } else if constexpr (std::is_same_v<T, bf16> && std::is_same_v<W, bf16>) {
+    rms_bf16_bf16_bwd(g, x, w, rstd, gx, gw, r0, r1, D);
+  } else if constexpr (std::is_same_v<T, bf16> && std::is_same_v<W, f32>) {
+    rms_bf16_f32_bwd(g, x, w, rstd, gx, gw, r0, r1, D);
+  } else {
+    rms_backward_rows<T, W>(g, x, w, rstd, gx, gw, r0, r1, D);
+  }
+}
+
+template <typename T>
+void swiglu_fwd(const T* a, const T* b, T* h, int64_t i0, int64_t i1) {
+  if constexpr (std::is_same_v<T, f32>) {
+    swiglu_f32_fwd(a, b, h, i0, i1);
+  } else if constexpr (std::is_same_v<T, bf16>) {
+    swiglu_bf16_fwd(a, b, h, i0, i1);
+  } else {
+    swiglu_forward_range<T>(a, b, h, i0, i1);
+  }
+}
+
+template <typename T>
+void swiglu_bwd(const T* g, const T* a, const T* b, T* ga, T* gb, int64_t i0, int64_t i1) {
+  if constexpr (std::is_same_v<T, f32>) {
+    swiglu_f32_bwd(g, a, b, ga, gb, i0, i1);
+  } else if constexpr (std::is_same_v<T, bf16>) {
+    swiglu_bf16_bwd(g, a, b, ga, gb, i0, i1);
+  } else {
+    swiglu_backward_range<T>(g, a, b, ga, gb, i0, i1);
+  }
+}
+
+template <typename T, typename C>
+void rotary_pos(const T* x, int64_t xh, const C* c, const C* s, C* out, int64_t H, int64_t hd,
+                bool transpose) {
+  if constexpr (std::is_same_v<T, f32> && std::is_same_v<C, f32>) {
+    rotary_f32_f32(x, xh, c, s, out, H, hd, transpose);
+  } else if constexpr (std::is_same_v<T, bf16> && std::is_same_v<C, bf16>) {
+    rotary_bf16_bf16(x, xh, c, s, out, H, hd, transpose);
+  } else if constexpr (std::is_same_v<T, bf16> && std::is_same_v<C, f32>) {
+    rotary_bf16_f32(x, xh, c, s, out, H, hd, transpose);
+  } else {
+    rotary_position<T, C>(x, xh, c, s, out, H, hd, transpose);
+  }
+}
+
+// ---- drivers ---------------------------------------------------------------------------------
+
+// Group boundaries from the per-group row counts; checks they cover the M rows.
+std::vector<int64_t> group_ends(at::IntArrayRef group_rows, int64_t G, int64_t M) {
+  TORCH_CHECK(static_cast<int64_t>(group_rows.size()) == G, "group_rows must have one entry per "
+              "weight row (", G, "), got ", group_rows.size());
+  std::vector<int64_t> ends(G);
+  int64_t total = 0;
+  for (int64_t g = 0; g < G; ++g) {
+    TORCH_CHECK(group_rows[g] >= 0, "group_rows must be non-negative");
+    total += group_rows[g];
+    ends[g] = total;
+  }
+  TORCH_CHECK(total == M, "group_rows must sum to the number of rows (", M, "), got ", total);
+  return ends;
+}
+
+void check_norm_args(const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D tensor");
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.size(1) == x.size(1),
+              "weight must be a contiguous (groups, ", x.size(1), ") tensor");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() || weight.scalar_type() == at::kFloat,
+              "weight must have x's dtype or float32");
+}
+
+// Calls f(T tag, W tag) for the supported (row, weight) dtype pairs.
+template <typename F>
+void dispatch_pair(at::ScalarType xt, at::ScalarType wt, const char* name, F&& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xt, "moe_ops fused", [&] {
+    using T = scalar_t;
+    if (wt == xt) {
+      f(T{}, T{});
+    } else {
+      if constexpr (!std::is_same_v<T, double>) {
+        f(T{}, float{});
+      } else {
+        TORCH_CHECK(false, name, ": float64 rows need float64 weights");
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                at::IntArrayRef group_rows, double eps) {
+  check_norm_args(x, weight);
+  const int64_t M = x.size(0), D = x.size(1), G = weight.size(0);
+  const auto ends = group_ends(group_rows, G, M);
+  auto y = at::empty_like(x);
+  auto rstd = at::empty({M}, x.options().dtype(at::toOpMathType(x.scalar_type())));
+  dispatch_pair(x.scalar_type(), weight.scalar_type(), "rms_norm", [&](auto t, auto u) {
+    using T = decltype(t);
+    using W = decltype(u);
+    const T* xp = x.data_ptr<T>();
+    const W* wp = weight.data_ptr<W>();
+    T* yp = y.data_ptr<T>();
+    auto* rp = rstd.data_ptr<acc_of<T>>();
+    at::parallel_for(0, M, 64, [&](int64_t r0, int64_t r1) {
+      for (int64_t g = 0, start = 0; g < G && start < r1; start = ends[g], ++g) {
+        const int64_t lo = std::max(r0, start), hi = std::min(r1, ends[g]);
+        if (lo < hi) rms_fwd<T, W>(xp, wp + g * D, yp, rp, lo, hi, D, eps);
+      }
+    });
+  });
+  return {y, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& grad,
+                                                         const at::Tensor& x,
+                                                         const at::Tensor& weight,
+                                                         const at::Tensor& rstd,
+                                                         at::IntArrayRef group_rows) {
+  check_norm_args(x, weight);
+  TORCH_CHECK(grad.sizes() == x.sizes() && grad.is_contiguous() &&
+                  grad.scalar_type() == x.scalar_type(),
+              "grad must be contiguous, shaped and typed like x");
+  const int64_t M = x.size(0), D = x.size(1), G = weight.size(0);
+  TORCH_CHECK(rstd.dim() == 1 && rstd.size(0) == M && rstd.is_contiguous() &&
+                  rstd.scalar_type() == at::toOpMathType(x.scalar_type()),
+              "rstd must be the forward's (", M, ",) statistics");
+  const auto ends = group_ends(group_rows, G, M);
+  auto gx = at::empty_like(x);
+  const auto acc = at::toOpMathType(x.scalar_type());
+  // one grad_weight partial per chunk of rows, summed after: no atomics, a fixed order
+  const int64_t chunk = std::max<int64_t>(64, (M + 4 * at::get_num_threads() - 1) /
+                                                  (4 * at::get_num_threads()));
+  const int64_t chunks = std::max<int64_t>(1, (M + chunk - 1) / chunk);
+  auto partial = at::zeros({chunks, G, D}, x.options().dtype(acc));
+  dispatch_pair(x.scalar_type(), weight.scalar_type(), "rms_norm_backward", [&](auto t, auto u) {
+    using T = decltype(t);
+    using W = decltype(u);
+    using A = acc_of<T>;
+    const T* gp = grad.data_ptr<T>();
+    const T* xp = x.data_ptr<T>();
+    const W* wp = weight.data_ptr<W>();
+    const A* rp = rstd.data_ptr<A>();
+    T* gxp = gx.data_ptr<T>();
+    A* pp = partial.data_ptr<A>();
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t r0 = c * chunk, r1 = std::min(M, r0 + chunk);
+        for (int64_t g = 0, start = 0; g < G && start < r1; start = ends[g], ++g) {
+          const int64_t lo = std::max(r0, start), hi = std::min(r1, ends[g]);
+          if (lo < hi) rms_bwd<T, W>(gp, xp, wp + g * D, rp, gxp, pp + (c * G + g) * D, lo, hi, D);
+        }
+      }
+    });
+  });
+  return {gx, partial.sum(0).to(weight.scalar_type())};
+}
+
+void check_same(const at::Tensor& a, const at::Tensor& b, const char* name) {
+  TORCH_CHECK(a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type() && a.is_contiguous() &&
+                  b.is_contiguous(),
+              name, ": inputs must be contiguous, of one shape and dtype");
+}
+
+at::Tensor swiglu_cpu(const at::Tensor& a, const at::Tensor& b) {
+  check_same(a, b, "swiglu");
+  auto h = at::empty_like(a);
+  const int64_t n = a.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "swiglu", [&] {
+    const scalar_t* ap = a.data_ptr<scalar_t>();
+    const scalar_t* bp = b.data_ptr<scalar_t>();
+    scalar_t* hp = h.data_ptr<scalar_t>();
+    at::parallel_for(0, n, 16384, [&](int64_t i0, int64_t i1) {
+      swiglu_fwd<scalar_t>(ap, bp, hp, i0, i1);
+    });
+  });
+  return h;
+}
+
+std::tuple<at::Tensor, at::Tensor> swiglu_backward_cpu(const at::Tensor& grad,
+                                                       const at::Tensor& a,
+                                                       const at::Tensor& b) {
+  check_same(a, b, "swiglu_backward");
+  check_same(grad, a, "swiglu_backward");
+  auto ga = at::empty_like(a);
+  auto gb = at::empty_like(b);
+  const int64_t n = a.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "swiglu_backward",
+                                  [&] {
+    const scalar_t* gp = grad.data_ptr<scalar_t>();
+    const scalar_t* ap = a.data_ptr<scalar_t>();
+    const scalar_t* bp = b.data_ptr<scalar_t>();
+    scalar_t* gap = ga.data_ptr<scalar_t>();
+    scalar_t* gbp = gb.data_ptr<scalar_t>();
+    at::parallel_for(0, n, 16384, [&](int64_t i0, int64_t i1) {
+      swiglu_bwd<scalar_t>(gp, ap, bp, gap, gbp, i0, i1);
+    });
+  });
+  return {ga, gb};
+}
+
+at::Tensor rotary_cpu(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                      bool transpose) {
+  TORCH_CHECK(x.dim() == 4 && x.stride(3) == 1 && x.size(3) % 2 == 0,
+              "x must be (B, T, H, head_dim) with an even, contiguous last dimension");
+  const int64_t B = x.size(0), T = x.size(1), H = x.size(2), hd = x.size(3);
+  TORCH_CHECK(cos.dim() == 3 && cos.size(0) == B && cos.size(1) == T && cos.size(2) == hd &&
+                  cos.is_contiguous() && sin.sizes() == cos.sizes() && sin.is_contiguous() &&
+                  sin.scalar_type() == cos.scalar_type(),
+              "cos and sin must be contiguous (", B, ", ", T, ", ", hd, ") tensors of one dtype");
+  TORCH_CHECK(x.scalar_type() == cos.scalar_type() || cos.scalar_type() == at::kFloat,
+              "cos must have x's dtype or float32");
+  auto out = at::empty({B, T, H, hd}, x.options().dtype(cos.scalar_type()));
+  const int64_t sb = x.stride(0), st = x.stride(1), sh = x.stride(2);
+  dispatch_pair(x.scalar_type(), cos.scalar_type(), "rotary", [&](auto t, auto u) {
+    using X = decltype(t);
+    using C = decltype(u);
+    const X* xp = x.data_ptr<X>();
+    const C* cp = cos.data_ptr<C>();
+    const C* sp = sin.data_ptr<C>();
+    C* op = out.data_ptr<C>();
+    at::parallel_for(0, B * T, 16, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t b = p / T, tt = p % T;
+        rotary_pos<X, C>(xp + b * sb + tt * st, sh, cp + p * hd, sp + p * hd, op + p * H * hd, H,
+                         hd, transpose);
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(moe_ops, m) {
+  m.def("rms_norm(Tensor x, Tensor weight, int[] group_rows, float eps) -> (Tensor, Tensor)");
+  m.def("rms_norm_backward(Tensor grad, Tensor x, Tensor weight, Tensor rstd, int[] group_rows)"
+        " -> (Tensor, Tensor)");
+  m.def("swiglu(Tensor a, Tensor b) -> Tensor");
+  m.def("swiglu_backward(Tensor grad, Tensor a, Tensor b) -> (Tensor, Tensor)");
+  m.def("rotary(Tensor x, Tensor cos, Tensor sin, bool transpose) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(moe_ops, CPU, m) {
+  m.impl("rms_norm", &rms_norm_cpu);
+  m.impl("rms_norm_backward", &rms_norm_backward_cpu);
+  m.impl("swiglu", &swiglu_cpu);
+  m.impl("swiglu_backward", &swiglu_backward_cpu);
+  m.impl("rotary", &rotary_cpu);
+}
+
+}  // namespace moe_ops

@@ -1,0 +1,146 @@
+"""Fused element-wise kernels of the transformer block, with their PyTorch references:
+
+    rms_norm(x, weight, eps, group_rows)  RMSNorm; weight (G, D) gives one row per group of rows
+    swiglu(a, b)                          the SwiGLU gate silu(a) * b
+    rotary(x, cos, sin)                   rotary embeddings, x (B, T, H, hd), cos/sin (B, T, 1, hd)
+
+Each unfused form is a chain of 4-8 torch ops over the whole tensor (forward and backward); at a
+small model's sizes those passes cost about as much as its matmuls. The compiled CPU kernels
+(`csrc/fused_cpu.cpp`, `torch.ops.moe_ops`) make each one pass forward and one backward. They
+run for CPU tensors when the extension is built; elsewhere (CUDA, no extension, float64 rows
+with float32 weights, ...) the reference runs, which is also the readable definition.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moe.ops import AVAILABLE, _acc
+
+_HALF_OR_FLOAT = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ---- references ---------------------------------------------------------------------------
+
+def rms_norm_reference(x, weight, eps: float, group_rows=None):
+    """x (..., D); weight (D,), or (G, D) with `group_rows` (G counts) splitting the rows of x
+    flattened to (M, D) into consecutive groups. Sums in float32 (float64 for float64)."""
+    D = x.shape[-1]
+    rows = x.reshape(-1, D)
+    if weight.dim() == 2:
+        counts = torch.tensor(group_rows, device=x.device)
+        weight = weight.repeat_interleave(counts, dim=0, output_size=rows.shape[0])
+    acc = _acc(x.dtype)
+    xf = rows.to(acc)
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.to(acc)
+    return y.to(x.dtype).view(x.shape)
+
+
+def swiglu_reference(a, b):
+    return torch.nn.functional.silu(a) * b
+
+
+def rotary_reference(x, cos, sin):
+    """Rotate-half rotary embeddings: x (B, T, H, hd) by the angles in cos/sin (B, T, 1, hd)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+# ---- registrations: fake kernels and autograd ---------------------------------------------
+
+if AVAILABLE:
+    ops = torch.ops.moe_ops
+
+    @torch.library.register_fake("moe_ops::rms_norm")
+    def _(x, weight, group_rows, eps):
+        return torch.empty_like(x), x.new_empty(x.shape[0], dtype=_acc(x.dtype))
+
+    @torch.library.register_fake("moe_ops::rms_norm_backward")
+    def _(grad, x, weight, rstd, group_rows):
+        return torch.empty_like(x), torch.empty_like(weight)
+
+    @torch.library.register_fake("moe_ops::swiglu")
+    def _(a, b):
+        return torch.empty_like(a)
+
+    @torch.library.register_fake("moe_ops::swiglu_backward")
+    def _(grad, a, b):
+        return torch.empty_like(a), torch.empty_like(b)
+
+    @torch.library.register_fake("moe_ops::rotary")
+    def _(x, cos, sin, transpose):
+        return x.new_empty(x.shape, dtype=cos.dtype)
+
+    def _rms_save(ctx, inputs, output):
+        x, weight, group_rows, _ = inputs
+        ctx.save_for_backward(x, weight, output[1])
+        ctx.group_rows = group_rows
+
+    def _rms_backward(ctx, grad, _grad_rstd):
+        x, weight, rstd = ctx.saved_tensors
+        gx, gw = ops.rms_norm_backward(grad.contiguous(), x, weight, rstd, ctx.group_rows)
+        return gx, gw, None, None
+
+    def _swiglu_save(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def _swiglu_backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        return ops.swiglu_backward(grad.contiguous(), a, b)
+
+    def _rotary_save(ctx, inputs, output):
+        x, cos, sin, transpose = inputs
+        ctx.save_for_backward(cos, sin)
+        ctx.transpose, ctx.x_dtype = transpose, x.dtype
+
+    def _rotary_backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        grad = grad if grad.stride(-1) == 1 else grad.contiguous()
+        grad_x = ops.rotary(grad, cos, sin, not ctx.transpose).to(ctx.x_dtype)
+        return grad_x, None, None, None
+
+    torch.library.register_autograd("moe_ops::rms_norm", _rms_backward, setup_context=_rms_save)
+    torch.library.register_autograd("moe_ops::swiglu", _swiglu_backward,
+                                    setup_context=_swiglu_save)
+    torch.library.register_autograd("moe_ops::rotary", _rotary_backward,
+                                    setup_context=_rotary_save)
+
+
+def _pair_ok(x: torch.Tensor, other: torch.Tensor) -> bool:
+    """The (rows, weights) dtype pairs the kernels take: equal, or float32 beside half rows."""
+    return AVAILABLE and x.device.type == "cpu" and other.device.type == "cpu" and (
+        other.dtype == x.dtype and x.dtype in _HALF_OR_FLOAT + (torch.float64,)
+        or other.dtype == torch.float32 and x.dtype in _HALF_OR_FLOAT)
+
+
+# ---- the functions the layers call --------------------------------------------------------
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, group_rows=None) -> torch.Tensor:
+    """RMSNorm of x (..., D) with weight (D,), or with weight (G, D) and `group_rows` (G counts
+    of the rows of x flattened to (M, D), in order)."""
+    if not _pair_ok(x, weight) or x.shape[-1] == 0:
+        return rms_norm_reference(x, weight, eps, group_rows)
+    D = x.shape[-1]
+    rows = x.reshape(-1, D).contiguous()
+    if weight.dim() == 1:
+        weight, group_rows = weight.view(1, D), [rows.shape[0]]
+    return ops.rms_norm(rows, weight.contiguous(), list(group_rows), eps)[0].view(x.shape)
+
+
+def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """silu(a) * b for a and b of one shape."""
+    if a.shape != b.shape or not _pair_ok(a, b) or b.dtype != a.dtype:
+        return swiglu_reference(a, b)
+    return ops.swiglu(a.contiguous(), b.contiguous())
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, T, H, hd) rotated by cos/sin (B, T, 1, hd); the result has cos's dtype when that is
+    the wider one (as the reference's type promotion gives)."""
+    B, T, H, hd = x.shape
+    if (hd % 2 or cos.shape != (B, T, 1, hd) or sin.shape != cos.shape or sin.dtype != cos.dtype
+            or not _pair_ok(x, cos) or cos.requires_grad or sin.requires_grad
+            or x.stride(-1) != 1):
+        return rotary_reference(x, cos, sin)
+    return ops.rotary(x, cos.reshape(B, T, hd).contiguous(), sin.reshape(B, T, hd).contiguous(),
+                      False)
