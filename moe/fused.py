@@ -3,6 +3,7 @@
     rms_norm(x, weight, eps, group_rows)  RMSNorm; weight (G, D) gives one row per group of rows
     swiglu(a, b)                          the SwiGLU gate silu(a) * b
     rotary(x, cos, sin)                   rotary embeddings, x (B, T, H, hd), cos/sin (B, T, 1, hd)
+    router_topk(logits, k, ...)           router scores, top-k experts, weights (router_cpu.cpp)
 
 Each unfused form is a chain of 4-8 torch ops over the whole tensor (forward and backward); at a
 small model's sizes those passes cost about as much as its matmuls. The compiled CPU kernels
@@ -18,6 +19,7 @@ import torch
 from moe.ops import AVAILABLE, _acc
 
 _HALF_OR_FLOAT = (torch.float32, torch.bfloat16, torch.float16)
+KERNEL_DTYPES = _HALF_OR_FLOAT + (torch.float64,)
 
 
 # ---- references ---------------------------------------------------------------------------
@@ -99,6 +101,33 @@ if AVAILABLE:
         grad_x = ops.rotary(grad, cos, sin, not ctx.transpose).to(ctx.x_dtype)
         return grad_x, None, None, None
 
+    @torch.library.register_fake("moe_ops::router_topk")
+    def _(logits, bias, k, renormalize, sigmoid):
+        N = logits.shape[0]
+        return (logits.new_empty(logits.shape, dtype=torch.float32),
+                logits.new_empty(N, k, dtype=torch.long),
+                logits.new_empty(N, k, dtype=torch.float32))
+
+    @torch.library.register_fake("moe_ops::router_topk_backward")
+    def _(grad_scores, grad_weight, scores, expert, renormalize, sigmoid):
+        return torch.empty_like(scores)
+
+    def _router_save(ctx, inputs, output):
+        logits, _, _, renormalize, sigmoid = inputs
+        scores, expert, _ = output
+        ctx.save_for_backward(scores, expert)
+        ctx.renormalize, ctx.sigmoid, ctx.dtype = renormalize, sigmoid, logits.dtype
+
+    def _router_backward(ctx, grad_scores, _grad_expert, grad_weight):
+        scores, expert = ctx.saved_tensors
+        grad = ops.router_topk_backward(
+            None if grad_scores is None else grad_scores.float().contiguous(),
+            None if grad_weight is None else grad_weight.float().contiguous(),
+            scores, expert, ctx.renormalize, ctx.sigmoid)
+        return grad.to(ctx.dtype), None, None, None, None
+
+    torch.library.register_autograd("moe_ops::router_topk", _router_backward,
+                                    setup_context=_router_save)
     torch.library.register_autograd("moe_ops::rms_norm", _rms_backward, setup_context=_rms_save)
     torch.library.register_autograd("moe_ops::swiglu", _swiglu_backward,
                                     setup_context=_swiglu_save)
@@ -109,7 +138,7 @@ if AVAILABLE:
 def _pair_ok(x: torch.Tensor, other: torch.Tensor) -> bool:
     """The (rows, weights) dtype pairs the kernels take: equal, or float32 beside half rows."""
     return AVAILABLE and x.device.type == "cpu" and other.device.type == "cpu" and (
-        other.dtype == x.dtype and x.dtype in _HALF_OR_FLOAT + (torch.float64,)
+        other.dtype == x.dtype and x.dtype in KERNEL_DTYPES
         or other.dtype == torch.float32 and x.dtype in _HALF_OR_FLOAT)
 
 
@@ -144,3 +173,16 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
         return rotary_reference(x, cos, sin)
     return ops.rotary(x, cos.reshape(B, T, hd).contiguous(), sin.reshape(B, T, hd).contiguous(),
                       False)
+
+
+def router_topk(logits: torch.Tensor, k: int, renormalize: bool, sigmoid: bool,
+                bias: torch.Tensor | None = None):
+    """logits (N, E) -> scores (N, E) float32, expert (N, k) int64, weight (N, k) float32: the
+    compiled one-pass router, or None where it does not run (then the caller composes
+    `moe.routing.router_scores` and `topk_route`, its reference)."""
+    if not (AVAILABLE and logits.device.type == "cpu" and logits.dim() == 2
+            and logits.dtype in KERNEL_DTYPES and logits.shape[0] > 0
+            and (bias is None or bias.dtype == torch.float32 and bias.device.type == "cpu")):
+        return None
+    return ops.router_topk(logits.contiguous(), None if bias is None else bias.contiguous(), k,
+                           renormalize, sigmoid)

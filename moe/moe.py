@@ -21,7 +21,7 @@ from moe.dispatch import TopKDispatch, priority_order
 from moe.grouping import Grouping, row_ids
 from moe.layers import GroupedSwiGLU, SwiGLU
 from moe.losses import attach_aux_loss, load_balance_loss, router_z_loss, sequence_load_balance_loss
-from moe.routing import expert_choice_route, router_scores, topk_route
+from moe.routing import expert_choice_route, route_topk, router_scores
 from moe.stats import RoutingStats
 
 
@@ -68,10 +68,13 @@ class MoE(nn.Module):
             groups = modality.num_groups if isinstance(modality, Grouping) else None
             ids = row_ids(modality, groups or _num_ids(modality), x).reshape(-1)
         allowed = self.allowed_experts(ids)
-        scores = router_scores(logits, cfg.score, allowed)  # (N, E) float32
         if cfg.router == "topk":
-            y, expert, dropped = self.token_choice(rows, scores)
+            bias = self.expert_bias if cfg.bias_balancing else None
+            scores, expert, weight = route_topk(logits, cfg.score, cfg.top_k, cfg.renormalize,
+                                                bias, allowed)  # (N, E), (N, k), (N, k)
+            y, dropped = self.token_choice(rows, expert, weight)
         else:
+            scores = router_scores(logits, cfg.score, allowed)  # (N, E) float32
             y, expert, dropped = self.expert_choice(rows, scores)
         if self.shared is not None:
             shared = self.shared(rows)
@@ -95,10 +98,9 @@ class MoE(nn.Module):
                              f"moe.experts_per_modality ({self.cfg.experts_per_modality})")
         return self.group_of_expert[None, :] == ids[:, None]
 
-    def token_choice(self, rows, scores):
+    def token_choice(self, rows, expert, weight):
+        """rows (N, D), expert / weight (N, k) the routing -> (y (N, D), dropped slots)."""
         cfg = self.cfg
-        bias = self.expert_bias if cfg.bias_balancing else None
-        expert, weight = topk_route(scores, cfg.top_k, cfg.renormalize, bias)  # (N, k)
         capacity = priority = None
         if cfg.capacity_factor is not None:
             capacity = cfg.capacity(rows.shape[0])
@@ -109,10 +111,10 @@ class MoE(nn.Module):
             y = self.dispatcher(rows, slot // cfg.top_k, expert.reshape(-1)[slot],
                                 weight.reshape(-1)[slot], self.experts,
                                 cfg.implementation == "loop")
-            return y, expert, dispatch.dropped
+            return y, dispatch.dropped
         y = self.experts.ffn(dispatch.gather(rows), dispatch.offsets,
                              reference=cfg.implementation == "loop")
-        return dispatch.combine(y, weight), expert, dispatch.dropped
+        return dispatch.combine(y, weight), dispatch.dropped
 
     def expert_choice(self, rows, scores):
         cfg = self.cfg

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from moe import fused
+
 
 def router_scores(logits: torch.Tensor, score: str, allowed: torch.Tensor | None = None):
     """logits (N, E) -> scores (N, E) in float32: softmax or sigmoid. `allowed` (N, E) bool
@@ -30,6 +32,19 @@ def topk_route(scores: torch.Tensor, k: int, renormalize: bool,
     if renormalize:
         weight = weight / weight.sum(dim=-1, keepdim=True).clamp(min=1e-20)
     return expert, weight
+
+
+def route_topk(logits: torch.Tensor, score: str, k: int, renormalize: bool,
+               bias: torch.Tensor | None = None, allowed: torch.Tensor | None = None):
+    """Token choice from the logits: scores (N, E) float32, expert (N, k), weight (N, k) float32,
+    as `router_scores` then `topk_route` give them; in one compiled pass where it is built (and no
+    `allowed` mask applies)."""
+    if allowed is None:
+        out = fused.router_topk(logits, k, renormalize, score == "sigmoid", bias)
+        if out is not None:
+            return out
+    scores = router_scores(logits, score, allowed)
+    return (scores, *topk_route(scores, k, renormalize, bias))
 
 
 def capacity_keep(expert: torch.Tensor, weight: torch.Tensor, num_experts: int, capacity: int,
