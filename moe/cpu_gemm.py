@@ -12,12 +12,17 @@ by rows (the forward, the input gradient) round each group up to whole blocks, r
 next group's rows and writing garbage that the next group then overwrites; the weight gradient
 (a sum over rows) runs the whole blocks, then the last partial block zero-padded (`addmm_`).
 The rounding costs at most 63 rows of FLOPs per group; the readable definition is
-`moe.grouping.grouped_linear_reference`.
+`moe.grouping.grouped_linear_reference`. With the compiled kernels (csrc/group_gemm_cpu.cpp) the
+same blocks run with the groups shared out among the threads, one product per thread, which
+mid-sized half-precision products need to use both cores fully; the loops below are their
+readable twin and the fallback.
 """
 
 from __future__ import annotations
 
 import torch
+
+from moe.ops import AVAILABLE as _compiled
 
 BLOCK = 64
 
@@ -68,6 +73,27 @@ def rows_inner(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, s: int, e: i
         out.addmm_(_padded(a[cut:e]).t(), _padded(b[cut:e]))
 
 
+def group_rows(a: torch.Tensor, b: torch.Tensor, spans) -> torch.Tensor:
+    """(N, M): rows of group g = a[rows of g] @ b[g]; rows past the last group are zero."""
+    if _compiled:  # the same blocks, the groups shared out among the threads
+        return torch.ops.moe_ops.group_rows_mm(a, b, [e for _, e in spans], True)
+    out = a.new_empty(a.shape[0], b.shape[2])
+    for g, (s, e) in enumerate(spans):
+        rows_times(a, b[g], out, s, e)
+    out[spans[-1][1] if spans else 0:] = 0  # rows past the last group (and its spill)
+    return out
+
+
+def group_inner(a: torch.Tensor, b: torch.Tensor, spans) -> torch.Tensor:
+    """(G, Da, Db): group g = a[rows of g]^T @ b[rows of g]."""
+    if _compiled:
+        return torch.ops.moe_ops.group_inner_mm(a, b, [e for _, e in spans], True)
+    out = a.new_empty(len(spans), a.shape[1], b.shape[1])
+    for g, (s, e) in enumerate(spans):
+        rows_inner(a, b, out[g], s, e)
+    return out
+
+
 class SplitGroupedMM(torch.autograd.Function):
     """x (N, D_in) grouped rows, weight (G, D_in, D_out), spans [(start, end)] per group in
     order -> (N, D_out); rows past the last group give zeros."""
@@ -76,11 +102,7 @@ class SplitGroupedMM(torch.autograd.Function):
     def forward(ctx, x, weight, spans):
         ctx.save_for_backward(x, weight)
         ctx.spans = spans
-        y = x.new_empty(x.shape[0], weight.shape[2])
-        for g, (s, e) in enumerate(spans):
-            rows_times(x, weight[g], y, s, e)
-        y[spans[-1][1] if spans else 0:] = 0  # rows past the last group (and its spill)
-        return y
+        return group_rows(x, weight, spans)
 
     @staticmethod
     def backward(ctx, grad):
@@ -88,14 +110,9 @@ class SplitGroupedMM(torch.autograd.Function):
         grad = grad.contiguous()
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.empty_like(x)
-            for g, (s, e) in enumerate(ctx.spans):
-                rows_times(grad, weight[g].t(), grad_x, s, e)
-            grad_x[ctx.spans[-1][1] if ctx.spans else 0:] = 0
+            grad_x = group_rows(grad, weight.transpose(1, 2), ctx.spans)
         if ctx.needs_input_grad[1]:
-            grad_w = torch.empty_like(weight)
-            for g, (s, e) in enumerate(ctx.spans):
-                rows_inner(x, grad, grad_w[g], s, e)
+            grad_w = group_inner(x, grad, ctx.spans)
         return grad_x, grad_w, None
 
 

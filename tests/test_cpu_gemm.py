@@ -3,8 +3,12 @@
 import pytest
 import torch
 
+from moe import cpu_gemm, ops
 from moe.cpu_gemm import BLOCK, SplitGroupedMM, applies, spans_of
 from moe.grouping import grouped_linear, grouped_linear_reference
+
+needs_kernels = pytest.mark.skipif(not ops.AVAILABLE, reason="moe._C was not built "
+                                   "(needs a C++ compiler at install time)")
 
 # group sizes that exercise every branch: empty groups, a single row, exact blocks, a block
 # plus one, a small group whose neighbour's spill crosses it, a short last group
@@ -15,6 +19,8 @@ SIZES = [
     [200],
     [3, 0, 0, 2],
     [130, 0, 60, 1],
+    [100, 90, 110, 95],  # balanced: shared out among the threads
+    [70, 65, 0, 66, 64, 71, 63, 1],
 ]
 
 
@@ -28,8 +34,12 @@ def case(sizes, dtype, d_in=24, d_out=40, extra_rows=0, seed=0):
     return x, w, offsets
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["kernels", "python"])
 @pytest.mark.parametrize("sizes", SIZES)
-def test_blocked_products_equal_the_per_group_loop(sizes):
+def test_blocked_products_equal_the_per_group_loop(sizes, compiled, monkeypatch):
+    if compiled and not ops.AVAILABLE:
+        pytest.skip("moe._C was not built (needs a C++ compiler at install time)")
+    monkeypatch.setattr(cpu_gemm, "_compiled", compiled)
     x, w, offsets = case(sizes, torch.float64)
     y = SplitGroupedMM.apply(x, w, spans_of(offsets))
     ref = grouped_linear_reference(x, w, offsets)
@@ -41,14 +51,36 @@ def test_blocked_products_equal_the_per_group_loop(sizes):
     torch.testing.assert_close(gw, rw, rtol=1e-12, atol=1e-12)
 
 
-def test_rows_past_the_last_group_are_zero_both_ways():
-    x, w, offsets = case([70, 5], torch.float64, extra_rows=9)
+@pytest.mark.parametrize("sizes", [[70, 5], [70, 75]])
+def test_rows_past_the_last_group_are_zero_both_ways(sizes):
+    x, w, offsets = case(sizes, torch.float64, extra_rows=9)
+    n = sum(sizes)
     y = SplitGroupedMM.apply(x, w, spans_of(offsets))
-    assert y.shape == (84, 40)
-    assert torch.equal(y[75:], torch.zeros(9, 40, dtype=torch.float64))
-    torch.testing.assert_close(y[:75], grouped_linear_reference(x, w, offsets))
+    assert y.shape == (n + 9, 40)
+    assert torch.equal(y[n:], torch.zeros(9, 40, dtype=torch.float64))
+    torch.testing.assert_close(y[:n], grouped_linear_reference(x, w, offsets))
     (gx,) = torch.autograd.grad(y, x, torch.ones_like(y))
-    assert torch.equal(gx[75:], torch.zeros(9, 24, dtype=torch.float64))
+    assert torch.equal(gx[n:], torch.zeros(9, 24, dtype=torch.float64))
+
+
+@needs_kernels
+@pytest.mark.parametrize("spread", [True, False])
+@pytest.mark.parametrize("sizes", SIZES)
+def test_group_kernels_equal_the_loop_shared_out_or_not(sizes, spread):
+    # spread=True shares balanced groups out among the threads, unbalanced ones run in turn
+    x, w, offsets = case(sizes, torch.float64, extra_rows=5)
+    ends = offsets.tolist()
+    m = torch.ops.moe_ops
+    ref = grouped_linear_reference(x, w, offsets)
+    ref = torch.cat([ref, ref.new_zeros(5, ref.shape[1])])  # rows past the groups: zero
+    torch.testing.assert_close(m.group_rows_mm(x.detach(), w.detach(), ends, spread), ref,
+                               rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(ref)
+    rx, rw = torch.autograd.grad(ref, (x, w), g)
+    torch.testing.assert_close(m.group_rows_mm(g, w.detach().transpose(1, 2), ends, spread), rx,
+                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(m.group_inner_mm(x.detach(), g, ends, spread), rw,
+                               rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

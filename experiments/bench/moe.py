@@ -7,7 +7,8 @@ intermediate size k * hidden (the same expert FLOPs per token: the practical lim
 HuggingFace `MixtralSparseMoeBlock` (from `transformers`, a test/benchmark extra) runs with its
 `eager` and `grouped_mm` expert implementations and the same weights as ours (loaded with
 `moe.interop.from_hf`), so every MoE variant routes identically. Ours includes its load-balancing
-and z-losses (defaults); HF's block computes none.
+and z-losses (defaults); HF's block computes none. Every call starts with no parameter gradients
+(`zero_grad(set_to_none=True)`), as a training step does.
 
 `--routing fresh` (the default) feeds every call a new batch, so expert group sizes change from
 call to call as they do between training steps (every variant sees the same batches in the same
@@ -91,6 +92,7 @@ def main(argv: list[str]) -> int:
             def run():
                 x = batches[next(calls) % len(batches)]
                 x.grad = None
+                module.zero_grad(set_to_none=True)  # as a training step does
                 module(x).float().square().mean().backward()
             return run
 

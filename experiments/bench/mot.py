@@ -94,6 +94,8 @@ def main(argv: list[str]) -> int:
             def run():
                 x, x_rows, modality, mask = batches[next(calls) % len(batches)]
                 x.grad = x_rows.grad = None
+                for module in (dense, mot, loop):  # as a training step does
+                    module.zero_grad(set_to_none=True)
                 fn(x, x_rows, modality, mask).float().square().mean().backward()
             return run
 
