@@ -13,10 +13,13 @@
 // such split exists (a few unequal groups, as MoT's modalities often are), the groups run one
 // after another with every thread on each product, as they do without `spread`.
 //
-// Row products run on whole 64-row blocks, so that oneDNN (which compiles a kernel per new shape
-// in half precision) sees row counts that are multiples of 64 only (moe/cpu_gemm.py): a group's
-// last block spills into the next group's rows, which that group (on the same thread) then
-// overwrites; the last group of a thread's run computes its tail padded on the side instead.
+// Shapes: oneDNN compiles a kernel for every new shape in half precision (2-8 ms, moe/cpu_gemm.py)
+// and group sizes change every step. So each group runs in chunks of 1024 rows, then whole
+// 64-row blocks: every product has one of 16 row counts (64, 128, ..., 1024), all compiled after a
+// short warm-up, whatever the group sizes. A group's last block spills into the next group's
+// rows, which that group (on the same thread) then overwrites; the last group of a thread's run
+// computes its tail padded on the side instead. Weight gradients add the chunks' products in the
+// output's dtype.
 // The readable reference is the per-group loop `moe.grouping.grouped_linear_reference`.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -29,6 +32,7 @@ namespace moe_ops {
 namespace {
 
 constexpr int64_t kBlock = 64;
+constexpr int64_t kChunk = 1024;  // rows per product at most: few distinct shapes (see above)
 
 struct Span {
   int64_t group, start, end;
@@ -95,15 +99,21 @@ void for_groups(const std::vector<Span>& spans, bool spread, F&& f) {
   });
 }
 
-// out[s:e] = a[s:e] @ bg on whole 64-row blocks. With `spill`, the last block runs on past e into
-// rows that a later product of the same thread overwrites (or that the caller zeroes); without,
-// the tail runs padded to one block on the side.
+// out[s:e] = a[s:e] @ bg: whole chunks, then the rest on whole 64-row blocks. With `spill`, the
+// last block runs on past e into rows that a later product of the same thread overwrites (or
+// that the caller zeroes); without, the tail runs padded to one block on the side.
 void rows_product(const at::Tensor& a, const at::Tensor& bg, at::Tensor& out, int64_t s,
                   int64_t e, bool spill) {
+  for (; e - s >= kChunk; s += kChunk) {
+    auto dst = out.narrow(0, s, kChunk);
+    at::mm_out(dst, a.narrow(0, s, kChunk), bg);
+  }
   const int64_t stop = s + (e - s + kBlock - 1) / kBlock * kBlock;
   if (spill && stop <= a.size(0)) {
-    auto dst = out.narrow(0, s, stop - s);
-    at::mm_out(dst, a.narrow(0, s, stop - s), bg);
+    if (stop > s) {
+      auto dst = out.narrow(0, s, stop - s);
+      at::mm_out(dst, a.narrow(0, s, stop - s), bg);
+    }
     return;
   }
   const int64_t cut = s + (e - s) / kBlock * kBlock;
@@ -118,22 +128,30 @@ void rows_product(const at::Tensor& a, const at::Tensor& bg, at::Tensor& out, in
   }
 }
 
-// outg = a[s:e]^T @ b[s:e]: whole blocks, then the tail padded to one block.
+// outg = a[s:e]^T @ b[s:e]: whole chunks and whole blocks accumulated (in outg's dtype), then
+// the tail padded to one block.
 void inner_product(const at::Tensor& a, const at::Tensor& b, at::Tensor outg, int64_t s,
                    int64_t e) {
+  bool first = true;
+  auto add = [&](const at::Tensor& x, const at::Tensor& y) {
+    if (first) {
+      at::mm_out(outg, x, y);
+    } else {
+      outg.addmm_(x, y);
+    }
+    first = false;
+  };
+  for (; e - s >= kChunk; s += kChunk) add(a.narrow(0, s, kChunk).t(), b.narrow(0, s, kChunk));
   const int64_t cut = s + (e - s) / kBlock * kBlock;
-  if (cut > s) {
-    at::mm_out(outg, a.narrow(0, s, cut - s).t(), b.narrow(0, s, cut - s));
-  } else {
-    outg.zero_();
-  }
+  if (cut > s) add(a.narrow(0, s, cut - s).t(), b.narrow(0, s, cut - s));
   if (e > cut) {
     auto pa = at::zeros({kBlock, a.size(1)}, a.options());
     auto pb = at::zeros({kBlock, b.size(1)}, b.options());
     pa.narrow(0, 0, e - cut).copy_(a.narrow(0, cut, e - cut));
     pb.narrow(0, 0, e - cut).copy_(b.narrow(0, cut, e - cut));
-    outg.addmm_(pa.t(), pb);
+    add(pa.t(), pb);
   }
+  if (first) outg.zero_();
 }
 
 at::Tensor group_rows_mm_cpu(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef ends,
