@@ -9,13 +9,15 @@
 //
 // Why: a mid-sized product (1024 x 512 x 1024 in bfloat16) gains only ~1.6x from a second thread,
 // so two of them side by side, one per thread, finish sooner than one after the other on both.
-// With `spread`, each thread takes a run of consecutive groups with about equal rows; when no
-// such split exists (a few unequal groups, as MoT's modalities often are), the groups run one
-// after another with every thread on each product, as they do without `spread`.
+// With `spread`, the rows of all groups are cut into one stretch per thread with about equal rows
+// (cutting a group where needed, a whole number of blocks after its start), each thread running
+// its stretch's products on its own. Weight gradients (sums over a group's rows) share out whole
+// groups only, when that balances the threads. Without `spread`, the groups run one after
+// another with every thread on each product.
 //
 // Shapes: oneDNN compiles a kernel for every new shape in half precision (2-8 ms, moe/cpu_gemm.py)
-// and group sizes change every step. So each group runs in chunks of 1024 rows, then whole
-// 64-row blocks: every product has one of 16 row counts (64, 128, ..., 1024), all compiled after a
+// and group sizes change every step. So each group runs in chunks of 2048 rows, then whole
+// 64-row blocks: every product has one of 32 row counts (64, 128, ..., 2048), all compiled after a
 // short warm-up, whatever the group sizes. A group's last block spills into the next group's
 // rows, which that group (on the same thread) then overwrites; the last group of a thread's run
 // computes its tail padded on the side instead. Weight gradients add the chunks' products in the
@@ -32,7 +34,7 @@ namespace moe_ops {
 namespace {
 
 constexpr int64_t kBlock = 64;
-constexpr int64_t kChunk = 1024;  // rows per product at most: few distinct shapes (see above)
+constexpr int64_t kChunk = 2048;  // rows per product at most: few distinct shapes (see above)
 
 struct Span {
   int64_t group, start, end;
@@ -50,66 +52,90 @@ std::vector<Span> spans_of(at::IntArrayRef ends, int64_t N) {
   return spans;
 }
 
-// The groups of each thread: `threads` runs of consecutive groups with about equal rows, or one
-// run of every group when that split would load a thread 20% above the mean (then each product
-// uses all threads instead).
-std::vector<std::vector<Span>> plan_runs(const std::vector<Span>& spans, int64_t threads,
-                                         bool spread) {
-  const int64_t total = spans.empty() ? 0 : spans.back().end - spans.front().start;
-  if (!spread || threads < 2 || static_cast<int64_t>(spans.size()) < threads || total == 0) {
-    return {spans};
-  }
-  std::vector<std::vector<Span>> runs(1);
-  int64_t rows = 0, heaviest = 0;
-  for (size_t i = 0; i < spans.size(); ++i) {
-    const int64_t n = spans[i].end - spans[i].start;
-    // start the next run when this group would carry the current one past its share
-    const int64_t left = static_cast<int64_t>(runs.size()) < threads ? 1 : 0;
-    if (left && !runs.back().empty() &&
-        rows + n / 2 > total * static_cast<int64_t>(runs.size()) / threads) {
-      runs.emplace_back();
+// One piece of work: rows [start, end) of `group`.
+struct Piece {
+  int64_t group, start, end;
+};
+
+// The pieces each of `runs` threads computes, in row order: all groups' rows cut into `runs`
+// stretches of about equal rows (a cut inside a group falls a whole number of blocks after its
+// start), and each stretch into products of at most kChunk rows.
+std::vector<std::vector<Piece>> plan(const std::vector<Span>& spans, int64_t runs,
+                                     bool whole_groups) {
+  std::vector<std::vector<Piece>> out(runs);
+  if (spans.empty()) return out;
+  const int64_t first = spans.front().start, done = spans.back().end, total = done - first;
+  std::vector<int64_t> bound(runs + 1, first);
+  bound[runs] = done;
+  for (int64_t t = 1; t < runs; ++t) {
+    int64_t cut = first + total * t / runs;
+    for (const Span& s : spans) {
+      if (cut >= s.start && cut < s.end) {
+        const int64_t step = whole_groups ? s.end - s.start : kBlock;
+        cut = std::min(s.end, s.start + (cut - s.start + step / 2) / step * step);
+        break;
+      }
     }
-    runs.back().push_back(spans[i]);
-    rows += n;
+    bound[t] = std::max(bound[t - 1], cut);
   }
-  int64_t start = spans.front().start;
-  for (const auto& run : runs) {
-    heaviest = std::max(heaviest, run.back().end - start);
-    start = run.back().end;
+  for (int64_t t = 0; t < runs; ++t) {
+    for (const Span& s : spans) {
+      const int64_t lo = std::max(s.start, bound[t]), hi = std::min(s.end, bound[t + 1]);
+      for (int64_t p = lo; p < hi; p += kChunk) {
+        out[t].push_back({s.group, p, std::min(p + kChunk, hi)});
+      }
+    }
   }
-  if (static_cast<int64_t>(runs.size()) < 2 || heaviest * threads * 5 > total * 6) return {spans};
+  return out;
+}
+
+// Threads' stretches with `spread` (when every thread gets at least a block of rows), else one
+// stretch whose products each use all threads. With `whole_groups` the stretches end at group
+// boundaries only, and a split that would load a thread 20% above the mean is not taken.
+std::vector<std::vector<Piece>> plan_for(const std::vector<Span>& spans, bool spread,
+                                         bool whole_groups) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t total = spans.empty() ? 0 : spans.back().end - spans.front().start;
+  if (!spread || threads < 2 || total < threads * kBlock) return plan(spans, 1, false);
+  auto runs = plan(spans, threads, whole_groups);
+  if (whole_groups) {
+    for (const auto& run : runs) {
+      int64_t rows = 0;
+      for (const Piece& p : run) rows += p.end - p.start;
+      if (rows * threads * 5 > total * 6) return plan(spans, 1, false);
+    }
+  }
   return runs;
 }
 
-// Runs f(span, last_of_run) for every group, each run of groups in order on its own thread.
+// Runs f(run index, its pieces) for every run, each on its own thread.
 template <typename F>
-void for_groups(const std::vector<Span>& spans, bool spread, F&& f) {
-  const auto runs = plan_runs(spans, at::get_num_threads(), spread);
-  auto run_one = [&](const std::vector<Span>& run) {
+void for_runs(const std::vector<std::vector<Piece>>& runs, F&& f) {
+  auto run_one = [&](int64_t r) {
     // worker threads start with autograd on: the products here are below it, like this kernel
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    for (size_t i = 0; i < run.size(); ++i) f(run[i], i + 1 == run.size());
+    f(r, runs[r]);
   };
   if (runs.size() == 1) {
-    run_one(runs[0]);
+    run_one(0);
     return;
   }
   at::parallel_for(0, static_cast<int64_t>(runs.size()), 1, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) run_one(runs[r]);
+    for (int64_t r = r0; r < r1; ++r) run_one(r);
   });
 }
 
-// out[s:e] = a[s:e] @ bg: whole chunks, then the rest on whole 64-row blocks. With `spill`, the
-// last block runs on past e into rows that a later product of the same thread overwrites (or
-// that the caller zeroes); without, the tail runs padded to one block on the side.
+// out[s:e] = a[s:e] @ bg: whole chunks, then the rest on whole 64-row blocks. The last block
+// may run on past e up to row `limit` (rows that later products of the same thread overwrite, or
+// that the caller zeroes); past that, the tail runs padded to one block on the side.
 void rows_product(const at::Tensor& a, const at::Tensor& bg, at::Tensor& out, int64_t s,
-                  int64_t e, bool spill) {
+                  int64_t e, int64_t limit) {
   for (; e - s >= kChunk; s += kChunk) {
     auto dst = out.narrow(0, s, kChunk);
     at::mm_out(dst, a.narrow(0, s, kChunk), bg);
   }
   const int64_t stop = s + (e - s + kBlock - 1) / kBlock * kBlock;
-  if (spill && stop <= a.size(0)) {
+  if (stop <= limit) {
     if (stop > s) {
       auto dst = out.narrow(0, s, stop - s);
       at::mm_out(dst, a.narrow(0, s, stop - s), bg);
@@ -128,11 +154,10 @@ void rows_product(const at::Tensor& a, const at::Tensor& bg, at::Tensor& out, in
   }
 }
 
-// outg = a[s:e]^T @ b[s:e]: whole chunks and whole blocks accumulated (in outg's dtype), then
-// the tail padded to one block.
+// outg = a[s:e]^T @ b[s:e] (`first`), or outg += that: whole chunks and whole blocks accumulated
+// in outg's dtype, then the tail padded to one block.
 void inner_product(const at::Tensor& a, const at::Tensor& b, at::Tensor outg, int64_t s,
-                   int64_t e) {
-  bool first = true;
+                   int64_t e, bool first) {
   auto add = [&](const at::Tensor& x, const at::Tensor& y) {
     if (first) {
       at::mm_out(outg, x, y);
@@ -151,7 +176,7 @@ void inner_product(const at::Tensor& a, const at::Tensor& b, at::Tensor outg, in
     pb.narrow(0, 0, e - cut).copy_(b.narrow(0, cut, e - cut));
     add(pa.t(), pb);
   }
-  if (first) outg.zero_();
+  if (first) outg.zero_();  // no rows
 }
 
 at::Tensor group_rows_mm_cpu(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef ends,
@@ -164,10 +189,13 @@ at::Tensor group_rows_mm_cpu(const at::Tensor& a, const at::Tensor& b, at::IntAr
   const auto spans = spans_of(ends, N);
   auto out = at::empty({N, b.size(2)}, a.options());
   const int64_t done = spans.empty() ? 0 : spans.back().end;
-  for_groups(spans, spread, [&](const Span& s, bool last_of_run) {
-    // the last group of every thread's run may only spill past the last group's rows
-    const bool spill = !last_of_run || s.end == done;
-    if (s.end > s.start) rows_product(a, b[s.group], out, s.start, s.end, spill);
+  const auto runs = plan_for(spans, spread, false);
+  for_runs(runs, [&](int64_t r, const std::vector<Piece>& run) {
+    if (run.empty()) return;
+    // a block may spill into the rows of the run's later pieces, and the last run's past the
+    // last group's rows: never into another thread's
+    const int64_t limit = r + 1 == static_cast<int64_t>(runs.size()) ? N : run.back().end;
+    for (const Piece& p : run) rows_product(a, b[p.group], out, p.start, p.end, limit);
   });
   if (done < N) out.narrow(0, done, N - done).zero_();  // after any spill into them
   return out;
@@ -179,10 +207,23 @@ at::Tensor group_inner_mm_cpu(const at::Tensor& a, const at::Tensor& b, at::IntA
                   b.is_contiguous() && a.scalar_type() == b.scalar_type(),
               "a and b must be contiguous (N, Ka) and (N, Kb) tensors of one dtype");
   const auto spans = spans_of(ends, a.size(0));
-  auto out = at::empty({static_cast<int64_t>(spans.size()), a.size(1), b.size(1)}, a.options());
-  for_groups(spans, spread, [&](const Span& s, bool) {
-    inner_product(a, b, out[s.group], s.start, s.end);
+  const int64_t G = static_cast<int64_t>(spans.size());
+  auto out = at::empty({G, a.size(1), b.size(1)}, a.options());
+  // whole groups per thread, where that balances: a group cut between threads would need a
+  // partial sum per thread, which costs more than it gains
+  const auto runs = plan_for(spans, spread, true);
+  std::vector<char> written(G, 0);
+  for_runs(runs, [&](int64_t, const std::vector<Piece>& run) {
+    for (size_t i = 0; i < run.size(); ++i) {
+      const Piece& p = run[i];
+      const bool first = i == 0 || run[i - 1].group != p.group;
+      inner_product(a, b, out[p.group], p.start, p.end, first);
+      written[p.group] = 1;  // each group belongs to one run
+    }
   });
+  for (int64_t g = 0; g < G; ++g) {
+    if (!written[g]) out[g].zero_();  // empty groups
+  }
   return out;
 }
 
