@@ -446,7 +446,7 @@ std::tuple<at::Tensor, at::Tensor> swiglu_backward_cpu(const at::Tensor& grad,
 
 at::Tensor rotary_cpu(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                       bool transpose) {
-  TORCH_CHECK(x.dim() == 4 && x.stride(3) == 1 && x.size(3) % 2 == 0,
+  TORCH_CHECK(x.dim() == 4 && (x.stride(3) == 1 || x.numel() == 0) && x.size(3) % 2 == 0,
               "x must be (B, T, H, head_dim) with an even, contiguous last dimension");
   const int64_t B = x.size(0), T = x.size(1), H = x.size(2), hd = x.size(3);
   TORCH_CHECK(cos.dim() == 3 && cos.size(0) == B && cos.size(1) == T && cos.size(2) == hd &&

@@ -214,3 +214,22 @@ def test_fused_ops_pass_opcheck():
     logits = torch.randn(10, 4, generator=g)
     torch.library.opcheck(m.router_topk, (logits, None, 2, True, False))
     torch.library.opcheck(m.router_topk, (logits, torch.zeros(4), 1, False, True))
+
+
+@needs_kernels
+def test_fused_ops_take_empty_inputs():
+    # no rows (an absent modality, an empty batch): empty outputs, zero weight gradients
+    x, w = leaf(torch.randn(0, 16)), leaf(torch.randn(3, 16))
+    y = fused.rms_norm(x, w, 1e-5, [0, 0, 0])
+    y.sum().backward()
+    assert y.shape == (0, 16) and torch.equal(w.grad, torch.zeros(3, 16))
+    a, b = leaf(torch.randn(0, 8)), leaf(torch.randn(0, 8))
+    fused.swiglu(a, b).sum().backward()
+    assert a.grad.shape == (0, 8)
+    q, angles = leaf(torch.randn(2, 0, 3, 8)), torch.randn(2, 0, 1, 8)
+    fused.rotary(q, angles.cos(), angles.sin()).sum().backward()
+    assert q.grad.shape == (2, 0, 3, 8)
+    m = torch.ops.moe_ops
+    assert m.group_rows_mm(torch.randn(0, 4), torch.randn(2, 4, 3), [0, 0], True).shape == (0, 3)
+    assert torch.equal(m.group_inner_mm(torch.randn(0, 4), torch.randn(0, 3), [0, 0], True),
+                       torch.zeros(2, 4, 3))
