@@ -1,5 +1,5 @@
-// Grouped GEMMs on CPU with the groups shared out among the threads (one thread per group at a
-// time), for the many mid-sized products of an MoE layer.
+// Grouped GEMMs on CPU with the work shared out among the threads, one product per thread at a
+// time, for the mid-sized products of MoE experts and MoT modalities in half precision.
 //
 //   group_rows_mm(a (N, K), b (G, K, M) or its (G, M, K) transpose, ends [G])  -> (N, M)
 //       rows [ends[g-1], ends[g]) of the result = those rows of a @ b[g]; rows past the last
@@ -18,10 +18,10 @@
 // Shapes: oneDNN compiles a kernel for every new shape in half precision (2-8 ms, moe/cpu_gemm.py)
 // and group sizes change every step. So each group runs in chunks of 2048 rows, then whole
 // 64-row blocks: every product has one of 32 row counts (64, 128, ..., 2048), all compiled after a
-// short warm-up, whatever the group sizes. A group's last block spills into the next group's
-// rows, which that group (on the same thread) then overwrites; the last group of a thread's run
-// computes its tail padded on the side instead. Weight gradients add the chunks' products in the
-// output's dtype.
+// short warm-up, whatever the group sizes. A product's last block may spill into rows that later
+// products of the same thread overwrite; a thread's last product computes its tail padded on the
+// side instead, so no thread writes another's rows. Weight gradients add the chunks' products in
+// the output's dtype.
 // The readable reference is the per-group loop `moe.grouping.grouped_linear_reference`.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
