@@ -5,7 +5,8 @@
 Tokens of 3 modalities are interleaved in runs (as in real documents). All variants share the
 causal mask, rotary tables, dtype and thread count. MoT's block takes its input as the backbone
 holds it between layers, rows grouped by modality; its time includes building the grouping
-(which a full model amortises over all layers).
+(which a full model amortises over all layers). Every call starts with no parameter gradients
+(`zero_grad(set_to_none=True)`), as a training step does.
 
 `--layouts fresh` (the default) gives every call a new batch with its own modality layout, so
 group sizes change from call to call as between training steps (every variant sees the same
