@@ -189,107 +189,75 @@ FUSED_INLINE void rotary_position(const T* x, int64_t xh, const C* c, const C* s
   }
 }
 
-// ---- vectorised entry points: float32 and bfloat16 compiled for AVX-512 / AVX2 / baseline ----
-
-using bf16 = c10::BFloat16;
-using f32 = float;
-
-#define FUSED_CLONE_RMS(NAME, T, W)                                                            \
-  MOE_CLONES void NAME##_fwd(const T* x, const W* w, T* y, float* rstd, int64_t r0, int64_t r1, \
-                             int64_t D, double eps) {                                          \
-    rms_forward_rows<T, W>(x, w, y, rstd, r0, r1, D, eps);                                     \
-  }                                                                                            \
-  MOE_CLONES void NAME##_bwd(const T* g, const T* x, const W* w, const float* rstd, T* gx,      \
-                             float* gw, int64_t r0, int64_t r1, int64_t D) {                   \
-    rms_backward_rows<T, W>(g, x, w, rstd, gx, gw, r0, r1, D);                                 \
-  }
-FUSED_CLONE_RMS(rms_f32_f32, f32, f32)
-FUSED_CLONE_RMS(rms_bf16_bf16, bf16, bf16)
-FUSED_CLONE_RMS(rms_bf16_f32, bf16, f32)
-
-#define FUSED_CLONE_SWIGLU(NAME, T)                                                            \
-  MOE_CLONES void NAME##_fwd(const T* a, const T* b, T* h, int64_t i0, int64_t i1) {           \
-    swiglu_forward_range<T>(a, b, h, i0, i1);                                                  \
-  }                                                                                            \
-  MOE_CLONES void NAME##_bwd(const T* g, const T* a, const T* b, T* ga, T* gb, int64_t i0,     \
-                             int64_t i1) {                                                     \
-    swiglu_backward_range<T>(g, a, b, ga, gb, i0, i1);                                         \
-  }
-FUSED_CLONE_SWIGLU(swiglu_f32, f32)
-FUSED_CLONE_SWIGLU(swiglu_bf16, bf16)
-
-#define FUSED_CLONE_ROTARY(NAME, T, C)                                                         \
-  MOE_CLONES void NAME(const T* x, int64_t xh, const C* c, const C* s, C* out, int64_t H,     \
-                       int64_t hd, bool transpose) {                                           \
-    rotary_position<T, C>(x, xh, c, s, out, H, hd, transpose);                                 \
-  }
-FUSED_CLONE_ROTARY(rotary_f32_f32, f32, f32)
-FUSED_CLONE_ROTARY(rotary_bf16_bf16, bf16, bf16)
-FUSED_CLONE_ROTARY(rotary_bf16_f32, bf16, f32)
+// ---- entry points ----------------------------------------------------------------------------
+//
+// Each kernel's entry point is one name with two kinds of overloads: the templates below serve
+// every dtype pair; float32 and bfloat16 also get non-template overloads compiled for AVX-512,
+// AVX2 and baseline x86-64 (`MOE_CLONES`), which overload resolution prefers where they match.
 
 template <typename T, typename W>
 void rms_fwd(const T* x, const W* w, T* y, acc_of<T>* rstd, int64_t r0, int64_t r1, int64_t D,
              double eps) {
-  if constexpr (std::is_same_v<T, f32> && std::is_same_v<W, f32>) {
-    rms_f32_f32_fwd(x, w, y, rstd, r0, r1, D, eps);
-  } else if constexpr (std::is_same_v<T, bf16> && std::is_same_v<W, bf16>) {
-    rms_bf16_bf16_fwd(x, w, y, rstd, r0, r1, D, eps);
-  } else if constexpr (std::is_same_v<T, bf16> && std::is_same_v<W, f32>) {
-    rms_bf16_f32_fwd(x, w, y, rstd, r0, r1, D, eps);
-  } else {
-    rms_forward_rows<T, W>(x, w, y, rstd, r0, r1, D, eps);
-  }
+  rms_forward_rows<T, W>(x, w, y, rstd, r0, r1, D, eps);
 }
 
 template <typename T, typename W>
 void rms_bwd(const T* g, const T* x, const W* w, const acc_of<T>* rstd, T* gx, acc_of<T>* gw,
              int64_t r0, int64_t r1, int64_t D) {
-  if constexpr (std::is_same_v<T, f32> && std::is_same_v<W, f32>) {
-    rms_f32_f32_bwd(g, x, w, rstd, gx, gw, r0, r1, D);
-  } else if constexpr (std::is_same_v<T, bf16> && std::is_same_v<W, bf16>) {
-    rms_bf16_bf16_bwd(g, x, w, rstd, gx, gw, r0, r1, D);
-  } else if constexpr (std::is_same_v<T, bf16> && std::is_same_v<W, f32>) {
-    rms_bf16_f32_bwd(g, x, w, rstd, gx, gw, r0, r1, D);
-  } else {
-    rms_backward_rows<T, W>(g, x, w, rstd, gx, gw, r0, r1, D);
-  }
+  rms_backward_rows<T, W>(g, x, w, rstd, gx, gw, r0, r1, D);
 }
 
 template <typename T>
 void swiglu_fwd(const T* a, const T* b, T* h, int64_t i0, int64_t i1) {
-  if constexpr (std::is_same_v<T, f32>) {
-    swiglu_f32_fwd(a, b, h, i0, i1);
-  } else if constexpr (std::is_same_v<T, bf16>) {
-    swiglu_bf16_fwd(a, b, h, i0, i1);
-  } else {
-    swiglu_forward_range<T>(a, b, h, i0, i1);
-  }
+  swiglu_forward_range<T>(a, b, h, i0, i1);
 }
 
 template <typename T>
 void swiglu_bwd(const T* g, const T* a, const T* b, T* ga, T* gb, int64_t i0, int64_t i1) {
-  if constexpr (std::is_same_v<T, f32>) {
-    swiglu_f32_bwd(g, a, b, ga, gb, i0, i1);
-  } else if constexpr (std::is_same_v<T, bf16>) {
-    swiglu_bf16_bwd(g, a, b, ga, gb, i0, i1);
-  } else {
-    swiglu_backward_range<T>(g, a, b, ga, gb, i0, i1);
-  }
+  swiglu_backward_range<T>(g, a, b, ga, gb, i0, i1);
 }
 
 template <typename T, typename C>
 void rotary_pos(const T* x, int64_t xh, const C* c, const C* s, C* out, int64_t H, int64_t hd,
                 bool transpose) {
-  if constexpr (std::is_same_v<T, f32> && std::is_same_v<C, f32>) {
-    rotary_f32_f32(x, xh, c, s, out, H, hd, transpose);
-  } else if constexpr (std::is_same_v<T, bf16> && std::is_same_v<C, bf16>) {
-    rotary_bf16_bf16(x, xh, c, s, out, H, hd, transpose);
-  } else if constexpr (std::is_same_v<T, bf16> && std::is_same_v<C, f32>) {
-    rotary_bf16_f32(x, xh, c, s, out, H, hd, transpose);
-  } else {
-    rotary_position<T, C>(x, xh, c, s, out, H, hd, transpose);
-  }
+  rotary_position<T, C>(x, xh, c, s, out, H, hd, transpose);
 }
+
+using bf16 = c10::BFloat16;
+using f32 = float;
+
+#define FUSED_CLONE_RMS(T, W)                                                                  \
+  MOE_CLONES void rms_fwd(const T* x, const W* w, T* y, float* rstd, int64_t r0, int64_t r1,   \
+                          int64_t D, double eps) {                                             \
+    rms_forward_rows<T, W>(x, w, y, rstd, r0, r1, D, eps);                                     \
+  }                                                                                            \
+  MOE_CLONES void rms_bwd(const T* g, const T* x, const W* w, const float* rstd, T* gx,         \
+                          float* gw, int64_t r0, int64_t r1, int64_t D) {                      \
+    rms_backward_rows<T, W>(g, x, w, rstd, gx, gw, r0, r1, D);                                 \
+  }
+FUSED_CLONE_RMS(f32, f32)
+FUSED_CLONE_RMS(bf16, bf16)
+FUSED_CLONE_RMS(bf16, f32)
+
+#define FUSED_CLONE_SWIGLU(T)                                                                  \
+  MOE_CLONES void swiglu_fwd(const T* a, const T* b, T* h, int64_t i0, int64_t i1) {           \
+    swiglu_forward_range<T>(a, b, h, i0, i1);                                                  \
+  }                                                                                            \
+  MOE_CLONES void swiglu_bwd(const T* g, const T* a, const T* b, T* ga, T* gb, int64_t i0,     \
+                             int64_t i1) {                                                     \
+    swiglu_backward_range<T>(g, a, b, ga, gb, i0, i1);                                         \
+  }
+FUSED_CLONE_SWIGLU(f32)
+FUSED_CLONE_SWIGLU(bf16)
+
+#define FUSED_CLONE_ROTARY(T, C)                                                               \
+  MOE_CLONES void rotary_pos(const T* x, int64_t xh, const C* c, const C* s, C* out, int64_t H, \
+                             int64_t hd, bool transpose) {                                     \
+    rotary_position<T, C>(x, xh, c, s, out, H, hd, transpose);                                 \
+  }
+FUSED_CLONE_ROTARY(f32, f32)
+FUSED_CLONE_ROTARY(bf16, bf16)
+FUSED_CLONE_ROTARY(bf16, f32)
 
 // ---- drivers ---------------------------------------------------------------------------------
 
@@ -350,7 +318,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_cpu(const at::Tensor& x, const at::T
     at::parallel_for(0, M, 64, [&](int64_t r0, int64_t r1) {
       for (int64_t g = 0, start = 0; g < G && start < r1; start = ends[g], ++g) {
         const int64_t lo = std::max(r0, start), hi = std::min(r1, ends[g]);
-        if (lo < hi) rms_fwd<T, W>(xp, wp + g * D, yp, rp, lo, hi, D, eps);
+        if (lo < hi) rms_fwd(xp, wp + g * D, yp, rp, lo, hi, D, eps);
       }
     });
   });
@@ -393,7 +361,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& grad,
         const int64_t r0 = c * chunk, r1 = std::min(M, r0 + chunk);
         for (int64_t g = 0, start = 0; g < G && start < r1; start = ends[g], ++g) {
           const int64_t lo = std::max(r0, start), hi = std::min(r1, ends[g]);
-          if (lo < hi) rms_bwd<T, W>(gp, xp, wp + g * D, rp, gxp, pp + (c * G + g) * D, lo, hi, D);
+          if (lo < hi) rms_bwd(gp, xp, wp + g * D, rp, gxp, pp + (c * G + g) * D, lo, hi, D);
         }
       }
     });
@@ -416,7 +384,7 @@ at::Tensor swiglu_cpu(const at::Tensor& a, const at::Tensor& b) {
     const scalar_t* bp = b.data_ptr<scalar_t>();
     scalar_t* hp = h.data_ptr<scalar_t>();
     at::parallel_for(0, n, 16384, [&](int64_t i0, int64_t i1) {
-      swiglu_fwd<scalar_t>(ap, bp, hp, i0, i1);
+      swiglu_fwd(ap, bp, hp, i0, i1);
     });
   });
   return h;
@@ -438,7 +406,7 @@ std::tuple<at::Tensor, at::Tensor> swiglu_backward_cpu(const at::Tensor& grad,
     scalar_t* gap = ga.data_ptr<scalar_t>();
     scalar_t* gbp = gb.data_ptr<scalar_t>();
     at::parallel_for(0, n, 16384, [&](int64_t i0, int64_t i1) {
-      swiglu_bwd<scalar_t>(gp, ap, bp, gap, gbp, i0, i1);
+      swiglu_bwd(gp, ap, bp, gap, gbp, i0, i1);
     });
   });
   return {ga, gb};
@@ -467,7 +435,7 @@ at::Tensor rotary_cpu(const at::Tensor& x, const at::Tensor& cos, const at::Tens
     at::parallel_for(0, B * T, 16, [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t b = p / T, tt = p % T;
-        rotary_pos<X, C>(xp + b * sb + tt * st, sh, cp + p * hd, sp + p * hd, op + p * H * hd, H,
+        rotary_pos(xp + b * sb + tt * st, sh, cp + p * hd, sp + p * hd, op + p * H * hd, H,
                          hd, transpose);
       }
     });
