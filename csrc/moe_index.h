@@ -5,6 +5,8 @@
 // Vocabulary. N tokens each choose k groups: S = N * k slots, slot s = t * k + j.
 // `order` (S,) lists slots grouped by group (stable in priority order); its first `kept` rows
 // are computed, the rest were dropped by capacity. `inverse` (S,) is the row of each slot.
+// A padded layout (every group given the same number of rows) has more rows than slots: its
+// order holds -1 for the padding rows, which read as zeros like dropped rows.
 #pragma once
 
 #include <cstdint>
@@ -30,7 +32,7 @@ MOE_HD inline int64_t destination_row(bool kept, int64_t group_start, int64_t ra
   return kept ? group_start + rank : total_kept + dropped_before;
 }
 
-// The slot a permuted row comes from, or -1 for a dropped row (it holds zeros).
+// The slot a permuted row comes from, or -1 for a dropped or padding row (it holds zeros).
 MOE_HD inline int64_t row_slot(const int64_t* order, int64_t kept, int64_t row) {
   return row < kept ? order[row] : -1;
 }

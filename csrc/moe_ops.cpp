@@ -1,9 +1,12 @@
 // CPU kernels of the grouping primitive, and the schemas of the `moe_ops` library.
 //
 //   sort_by_group(ids, priority, num_groups, capacity) -> (order, inverse, counts)
-//   permute_rows(x, order, inverse, weights?, k, kept)   -> (S, D) rows grouped by group
+//   permute_rows(x, order, inverse, weights?, k, kept)   -> (R, D) rows grouped by group
 //   unpermute_rows(y, order, inverse, weights?, k, kept) -> (N, D) weighted sums per token
 //   slot_dots(a, b, order, inverse, k, kept)             -> (S,) float32, for weight gradients
+//
+// S = inverse.numel() slots of N = S / k tokens; R = order.numel() rows, S of them from
+// sort_by_group, or more in a padded layout whose empty rows have order -1 (moe/ops.py).
 //
 // Autograd and fake (meta) kernels are registered from Python (moe/ops.py), once for every
 // device. The per-element arithmetic lives in moe_index.h, shared with the CUDA kernels.
@@ -64,10 +67,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sort_by_group_cpu(const at::Tenso
 // vectorised row loops of moe_rows_cpu.h.
 template <typename scalar_t>
 void permute_kernel(const scalar_t* x, const int64_t* order, const float* w, scalar_t* out,
-                    int64_t S, int64_t D, int64_t k, int64_t kept) {
+                    int64_t R, int64_t D, int64_t k, int64_t kept) {
   using acc_t = at::opmath_type<scalar_t>;
 #pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
-  for (int64_t row = 0; row < S; ++row) {
+  for (int64_t row = 0; row < R; ++row) {
     scalar_t* dst = out + row * D;
     const int64_t slot = row_slot(order, kept, row);
     if (slot < 0) {
@@ -132,7 +135,7 @@ void check_rows(const at::Tensor& x, const at::Tensor& order, const at::Tensor& 
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "rows must be a contiguous 2-D tensor");
   check_index(order, "order");
   check_index(inverse, "inverse");
-  TORCH_CHECK(k > 0 && order.numel() % k == 0, "k must divide the number of slots");
+  TORCH_CHECK(k > 0 && inverse.numel() % k == 0, "k must divide the number of slots");
   TORCH_CHECK(kept >= 0 && kept <= order.numel(), "kept must be in [0, ", order.numel(), "]");
 }
 
@@ -140,13 +143,13 @@ at::Tensor permute_rows_cpu(const at::Tensor& x, const at::Tensor& order,
                             const at::Tensor& inverse, const std::optional<at::Tensor>& weights,
                             int64_t k, int64_t kept) {
   check_rows(x, order, inverse, k, kept);
-  const int64_t S = order.numel(), D = x.size(1);
+  const int64_t R = order.numel(), S = inverse.numel(), D = x.size(1);
   TORCH_CHECK(x.size(0) == S / k, "x must have one row per token (", S / k, ")");
-  auto out = at::empty({S, D}, x.options());
+  auto out = at::empty({R, D}, x.options());
   const float* w = weights_ptr(weights, S);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "permute_rows", [&] {
     permute_kernel<scalar_t>(x.data_ptr<scalar_t>(), order.data_ptr<int64_t>(), w,
-                             out.data_ptr<scalar_t>(), S, D, k, kept);
+                             out.data_ptr<scalar_t>(), R, D, k, kept);
   });
   return out;
 }
@@ -155,7 +158,7 @@ at::Tensor unpermute_rows_cpu(const at::Tensor& y, const at::Tensor& order,
                               const at::Tensor& inverse, const std::optional<at::Tensor>& weights,
                               int64_t k, int64_t kept) {
   check_rows(y, order, inverse, k, kept);
-  const int64_t S = order.numel(), N = S / k, D = y.size(1);
+  const int64_t S = inverse.numel(), N = S / k, D = y.size(1);
   TORCH_CHECK(y.size(0) >= kept, "y must hold at least the ", kept, " kept rows");
   auto out = at::empty({N, D}, y.options());
   const float* w = weights_ptr(weights, S);
@@ -170,7 +173,7 @@ at::Tensor unpermute_rows_cpu(const at::Tensor& y, const at::Tensor& order,
 at::Tensor slot_dots_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& order,
                          const at::Tensor& inverse, int64_t k, int64_t kept) {
   check_rows(b, order, inverse, k, kept);
-  const int64_t S = order.numel();
+  const int64_t S = inverse.numel();
   TORCH_CHECK(a.dim() == 2 && a.is_contiguous() && a.size(0) == S / k && a.size(1) == b.size(1)
                   && a.scalar_type() == b.scalar_type(),
               "a must be contiguous (", S / k, ", D) rows of b's dtype");

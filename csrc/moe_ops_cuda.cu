@@ -44,10 +44,10 @@ __global__ void place_kernel(const int64_t* ids, const int64_t* rank, const int6
 
 template <typename scalar_t>
 __global__ void permute_kernel(const scalar_t* x, const int64_t* order, const float* w,
-                               scalar_t* out, int64_t S, int64_t D, int64_t k, int64_t kept) {
+                               scalar_t* out, int64_t R, int64_t D, int64_t k, int64_t kept) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (i >= S * D) return;
+  if (i >= R * D) return;
   out[i] = permute_value<scalar_t, acc_t>(x, order, w, k, kept, i / D, i % D, D);
 }
 
@@ -108,14 +108,14 @@ at::Tensor permute_rows_cuda(const at::Tensor& x, const at::Tensor& order,
                              int64_t k, int64_t kept) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D tensor");
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t S = order.numel(), D = x.size(1);
-  auto out = at::empty({S, D}, x.options());
-  if (S * D == 0) return out;
+  const int64_t R = order.numel(), S = inverse.numel(), D = x.size(1);
+  auto out = at::empty({R, D}, x.options());
+  if (R * D == 0) return out;
   const float* w = weights_ptr(weights, S);
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "permute_rows", [&] {
-    permute_kernel<scalar_t><<<blocks_for(S * D), kThreads, 0, stream>>>(
-        x.data_ptr<scalar_t>(), order.data_ptr<int64_t>(), w, out.data_ptr<scalar_t>(), S, D, k,
+    permute_kernel<scalar_t><<<blocks_for(R * D), kThreads, 0, stream>>>(
+        x.data_ptr<scalar_t>(), order.data_ptr<int64_t>(), w, out.data_ptr<scalar_t>(), R, D, k,
         kept);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -127,7 +127,7 @@ at::Tensor unpermute_rows_cuda(const at::Tensor& y, const at::Tensor& order,
                                int64_t k, int64_t kept) {
   TORCH_CHECK(y.dim() == 2 && y.is_contiguous(), "y must be a contiguous 2-D tensor");
   const c10::cuda::CUDAGuard guard(y.device());
-  const int64_t S = order.numel(), N = S / k, D = y.size(1);
+  const int64_t S = inverse.numel(), N = S / k, D = y.size(1);
   auto out = at::empty({N, D}, y.options());
   if (N * D == 0) return out;
   const float* w = weights_ptr(weights, S);
@@ -146,7 +146,7 @@ at::Tensor slot_dots_cuda(const at::Tensor& a, const at::Tensor& b, const at::Te
                           const at::Tensor& inverse, int64_t k, int64_t kept) {
   TORCH_CHECK(a.is_contiguous() && b.is_contiguous(), "a and b must be contiguous");
   const c10::cuda::CUDAGuard guard(a.device());
-  const int64_t S = order.numel();
+  const int64_t S = inverse.numel();
   auto out = at::empty({S}, a.options().dtype(at::kFloat));
   if (S == 0) return out;
   auto stream = c10::cuda::getCurrentCUDAStream();

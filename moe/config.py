@@ -12,7 +12,7 @@ ROUTERS = ("topk", "expert_choice")
 SCORES = ("softmax", "sigmoid")
 DROP_POLICIES = ("probability", "position")
 BALANCE_LOSSES = ("batch", "sequence")
-IMPLEMENTATIONS = ("grouped", "loop", "megablocks")
+IMPLEMENTATIONS = ("grouped", "padded", "loop", "megablocks")
 
 
 def _fail(message: str):
@@ -46,8 +46,10 @@ class MoEConfig:
         shared_experts * (shared_hidden or hidden); shared_gate: Qwen2-MoE's sigmoid gate on it.
     experts_per_modality: MoMa: experts split into consecutive groups, one per modality; a token
         is routed only among its modality's experts (needs modality ids).
-    implementation: "grouped" (grouped GEMM), "loop" (per-expert reference), or "megablocks"
-        (megablocks' dropless MoE; needs that package and CUDA).
+    implementation: "grouped" (grouped GEMM over each expert's rows), "padded" (every expert
+        padded to the same rows -- the capacity, or the largest group -- and one batched matmul;
+        faster on CPU for small experts, see README), "loop" (per-expert reference), or
+        "megablocks" (megablocks' dropless MoE; needs that package and CUDA).
     """
 
     dim: int | None = None

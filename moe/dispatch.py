@@ -8,6 +8,11 @@ order, the experts run as grouped GEMMs on the first `kept` rows, and the result
 
 Permute and combine are the compiled kernels of `csrc/` where built (one pass each, the combine
 weights fused into the unpermute; each is the other's backward), else their PyTorch references.
+
+`padded=True` gives every expert the same number of rows C (the capacity, or the largest group
+rounded up to `PAD_MULTIPLE`), zeros below each group's rows, so the experts run as one batched
+matmul over (E, C, D): on CPU that beats one product per expert for small products (see README,
+Benchmarks), at the price of the padding rows' FLOPs.
 """
 
 from __future__ import annotations
@@ -27,18 +32,30 @@ def priority_order(expert: torch.Tensor, weight: torch.Tensor, policy: str) -> t
     return torch.arange(N * k, device=expert.device).view(N, k).t().reshape(-1)
 
 
+PAD_MULTIPLE = 8  # dropless padded rows per expert: the largest group rounded up to this
+
+
 class TopKDispatch:
     """expert (N, k) chosen experts; capacity slots per expert (None: dropless), claimed in
-    `priority` order (a permutation of the slots; None: slot order)."""
+    `priority` order (a permutation of the slots; None: slot order). `padded`: every expert
+    gets `rows_per_expert` rows (gather gives (E * rows_per_expert, D))."""
 
     def __init__(self, expert: torch.Tensor, num_experts: int, capacity: int | None = None,
-                 priority: torch.Tensor | None = None):
+                 priority: torch.Tensor | None = None, padded: bool = False):
         self.N, self.k = expert.shape
         self.order, self.inverse, self.counts = ops.sort_by_group(
             expert.reshape(-1), num_experts, priority, capacity)
         self.offsets = self.counts.cumsum(0).to(torch.int32)  # kept slots per expert, ends
         self.kept = int(self.offsets[-1]) if num_experts else 0
         self.dropped = self.N * self.k - self.kept
+        self.rows_per_expert = None
+        if padded:
+            largest = int(self.counts.max()) if num_experts else 0
+            rows = capacity if capacity is not None else \
+                -(-largest // PAD_MULTIPLE) * PAD_MULTIPLE
+            self.order, self.inverse = ops.pad_groups(self.order, self.inverse, self.counts,
+                                                      rows)
+            self.rows_per_expert, self.kept = rows, num_experts * rows
 
     @property
     def keep(self) -> torch.Tensor:
@@ -47,11 +64,13 @@ class TopKDispatch:
 
     @property
     def token(self) -> torch.Tensor:
-        """(kept,) the token of each computed row."""
-        return self.order[:self.kept] // self.k
+        """(kept,) the token of each computed row (-1 for padding rows)."""
+        slot = self.order[:self.kept]
+        return torch.where(slot >= 0, slot // self.k, -1)
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
-        """x (N, D) -> (kept, D): one row per computed slot, grouped by expert."""
+        """x (N, D) -> (kept, D): one row per computed slot, grouped by expert (padded: zero
+        rows after each expert's)."""
         rows = ops.permute_rows(x, self.order, self.inverse, None, self.k, self.kept)
         # dropless: every row is kept, and a no-op slice would still cost its backward a
         # zero-filled full-size gradient

@@ -80,6 +80,12 @@ class GroupedSwiGLU(nn.Module):
         h = F.silu(gate) * up if reference else fused.swiglu(gate, up)
         return mm(h, self.w2, offsets)  # (N, D)
 
+    def ffn_padded(self, x: torch.Tensor) -> torch.Tensor:
+        """x (G, C, D): C rows per group (zeros where a group has fewer) -> (G, C, D), as one
+        batched matmul per weight. Equals `ffn` on the groups' real rows."""
+        h = fused.swiglu(torch.bmm(x, self.w1), torch.bmm(x, self.w3))  # (G, C, H)
+        return torch.bmm(h, self.w2)
+
     def group_slices(self):
         return [(w, g, slice(g, g + 1)) for w in (self.w1, self.w3, self.w2)
                 for g in range(self.num_groups)]

@@ -105,15 +105,19 @@ class MoE(nn.Module):
         if cfg.capacity_factor is not None:
             capacity = cfg.capacity(rows.shape[0])
             priority = priority_order(expert, weight, cfg.drop_policy)
-        dispatch = TopKDispatch(expert, cfg.num_experts, capacity, priority)
+        padded = cfg.implementation == "padded" and self.dispatcher is None
+        dispatch = TopKDispatch(expert, cfg.num_experts, capacity, priority, padded)
         if self.dispatcher is not None:  # expert parallel: kept slots go to their experts' ranks
             slot = dispatch.order[:dispatch.kept]
             y = self.dispatcher(rows, slot // cfg.top_k, expert.reshape(-1)[slot],
                                 weight.reshape(-1)[slot], self.experts,
                                 cfg.implementation == "loop")
             return y, dispatch.dropped
-        y = self.experts.ffn(dispatch.gather(rows), dispatch.offsets,
-                             reference=cfg.implementation == "loop")
+        x = dispatch.gather(rows)  # (kept, D)
+        if padded:
+            y = self.experts.ffn_padded(x.view(cfg.num_experts, -1, cfg.dim)).view_as(x)
+        else:
+            y = self.experts.ffn(x, dispatch.offsets, reference=cfg.implementation == "loop")
         return dispatch.combine(y, weight), dispatch.dropped
 
     def expert_choice(self, rows, scores):
@@ -127,10 +131,13 @@ class MoE(nn.Module):
             out = self.dispatcher(rows, token.reshape(-1), expert.reshape(-1), weight.reshape(-1),
                                   self.experts, cfg.implementation == "loop")
         else:
-            counts = torch.full((E,), C, device=rows.device)
-            y = self.experts.ffn(rows.index_select(0, token.reshape(-1)),
-                                 counts.cumsum(0).to(torch.int32),
-                                 reference=cfg.implementation == "loop")
+            picked_rows = rows.index_select(0, token.reshape(-1))  # (E * C, D)
+            if cfg.implementation == "padded":  # already E groups of C rows
+                y = self.experts.ffn_padded(picked_rows.view(E, C, -1)).view_as(picked_rows)
+            else:
+                counts = torch.full((E,), C, device=rows.device)
+                y = self.experts.ffn(picked_rows, counts.cumsum(0).to(torch.int32),
+                                     reference=cfg.implementation == "loop")
             y = y * weight.reshape(-1, 1).to(y.dtype)
             out = torch.zeros_like(rows).index_add(0, token.reshape(-1), y)
         picked = torch.zeros(N, dtype=torch.bool, device=rows.device)

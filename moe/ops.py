@@ -11,6 +11,10 @@ each slot's row, `counts` (G,) the kept rows per group.
     slot_dots(a, b, order, inverse, k, kept)[s]        = <a[s // k], b[inverse[s]]>
 (rows at or past `kept` count as zero; w is optional). Each is the other's backward.
 
+`pad_groups` turns that layout into a padded one: every group owns the same number of rows C
+(row g * C + rank), so the experts run as one batched matmul over (G, C, D). Its `order` has
+G * C rows and -1 for the padding rows, which the three ops read as zeros, like dropped rows.
+
 `permute_rows` etc. below run the compiled op when `moe._C` was built for the tensor's device,
 else the reference; without the extension a one-line notice says so once.
 """
@@ -65,13 +69,16 @@ def _weighted(rows: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
 
 
 def permute_rows_reference(x, order, inverse, weights, k: int, kept: int):
-    rows = _weighted(x.index_select(0, order[:kept] // k),
-                     None if weights is None else weights[order[:kept]])
+    slot = order[:kept]
+    real = slot >= 0  # padding rows (-1) hold zeros
+    slot = slot.clamp(min=0)
+    rows = _weighted(x.index_select(0, slot // k), None if weights is None else weights[slot])
+    rows = torch.where(real[:, None], rows, rows.new_zeros(()))
     return torch.cat([rows, rows.new_zeros(order.numel() - kept, x.shape[1])])
 
 
 def unpermute_rows_reference(y, order, inverse, weights, k: int, kept: int):
-    S = order.numel()
+    S = inverse.numel()
     valid = inverse < kept
     rows = y[:kept].index_select(0, torch.where(valid, inverse, 0)) if kept else \
         y.new_zeros(S, y.shape[1])
@@ -82,7 +89,7 @@ def unpermute_rows_reference(y, order, inverse, weights, k: int, kept: int):
 
 
 def slot_dots_reference(a, b, order, inverse, k: int, kept: int):
-    S = order.numel()
+    S = inverse.numel()
     valid = inverse < kept
     rows = b[:kept].index_select(0, torch.where(valid, inverse, 0)) if kept else \
         b.new_zeros(S, b.shape[1])
@@ -107,11 +114,11 @@ if AVAILABLE:
 
     @torch.library.register_fake("moe_ops::unpermute_rows")
     def _(y, order, inverse, weights, k, kept):
-        return y.new_empty(order.shape[0] // k, y.shape[1])
+        return y.new_empty(inverse.shape[0] // k, y.shape[1])
 
     @torch.library.register_fake("moe_ops::slot_dots")
     def _(a, b, order, inverse, k, kept):
-        return a.new_empty(order.shape[0], dtype=torch.float32)
+        return a.new_empty(inverse.shape[0], dtype=torch.float32)
 
     def _save(ctx, inputs, output):
         source, order, inverse, weights, k, kept = inputs
@@ -162,6 +169,28 @@ def sort_by_group(ids: torch.Tensor, num_groups: int, priority: torch.Tensor | N
     if _compiled(ids):
         return ops.sort_by_group(ids, priority, num_groups, capacity)
     return sort_by_group_reference(ids, priority, num_groups, capacity)
+
+
+def pad_groups(order: torch.Tensor, inverse: torch.Tensor, counts: torch.Tensor, rows: int):
+    """The layout of `sort_by_group` (kept rows of group g at its start + rank) -> the padded
+    layout with `rows` (>= every count) rows per group: group g's rows at g * rows + rank.
+    Returns order (G * rows,) with -1 for padding rows, and inverse (S,) (dropped slots past
+    all rows); kept = G * rows."""
+    G = counts.numel()
+    if G and int(counts.max()) > rows:
+        raise ValueError(f"rows per group ({rows}) must hold the largest group "
+                         f"({int(counts.max())})")
+    kept = int(counts.sum())
+    ends = counts.cumsum(0)
+    shift = torch.arange(G, device=counts.device) * rows - (ends - counts)  # (G,) start moves
+    group = torch.repeat_interleave(torch.arange(G, device=counts.device), counts,
+                                    output_size=kept)  # (kept,) the group of each kept row
+    moved = torch.arange(kept, device=counts.device) + shift[group]  # (kept,) padded rows
+    padded_order = order.new_full((G * rows,), -1)
+    padded_order[moved] = order[:kept]
+    padded_inverse = inverse + (G * rows - kept)  # dropped slots stay past every row
+    padded_inverse[order[:kept]] = moved
+    return padded_order, padded_inverse
 
 
 def permute_rows(x, order, inverse, weights=None, k: int = 1, kept: int | None = None):

@@ -64,6 +64,41 @@ def test_grouped_equals_loop_reference(options):
         torch.testing.assert_close(p.grad, p_ref.grad, atol=1e-5, rtol=1e-5, msg=name)
 
 
+PADDED = [dict(), dict(capacity_factor=0.75), dict(capacity_factor=1.0, drop_policy="position"),
+          dict(router="expert_choice"), dict(top_k=4, num_experts=6)]
+
+
+@pytest.mark.parametrize("options", PADDED, ids=lambda o: ",".join(f"{k}={v}" for k, v in
+                                                                   o.items()) or "default")
+def test_padded_equals_grouped(options):
+    torch.manual_seed(0)
+    grouped = make(**options)
+    padded = make(**(options | {"implementation": "padded"}))
+    padded.load_state_dict(grouped.state_dict())
+    x = torch.randn(2, 13, 16, requires_grad=True)
+    x_pad = x.detach().clone().requires_grad_()
+    y, y_pad = grouped(x), padded(x_pad)
+    torch.testing.assert_close(y_pad, y, atol=1e-5, rtol=1e-5)
+    y.square().sum().backward()
+    y_pad.square().sum().backward()
+    torch.testing.assert_close(x_pad.grad, x.grad, atol=1e-5, rtol=1e-5)
+    for (name, p), p_pad in zip(grouped.named_parameters(), padded.parameters()):
+        torch.testing.assert_close(p_pad.grad, p.grad, atol=1e-5, rtol=1e-5, msg=name)
+    assert padded.stats.read()["dropped"] == grouped.stats.read()["dropped"]
+
+
+def test_padded_dispatch_gives_each_expert_the_same_rows():
+    expert = torch.tensor([[0, 1], [0, 2], [1, 0], [0, 1]])  # expert 0: 4 slots, 1: 3, 2: 1
+    dispatch = TopKDispatch(expert, 3, padded=True)
+    assert dispatch.rows_per_expert == 8 and dispatch.kept == 24  # 4 rounded up to 8
+    x = torch.arange(1.0, 5.0)[:, None]
+    rows = dispatch.gather(x).view(3, 8)
+    assert rows[0, :4].tolist() == [1.0, 2.0, 3.0, 4.0] and rows[1, :3].tolist() == [1.0, 3.0, 4.0]
+    assert rows[2, 0] == 2.0 and rows[0, 4:].eq(0).all() and rows[2, 1:].eq(0).all()
+    weight = torch.full((4, 2), 0.5)
+    assert dispatch.combine(rows.view(-1, 1), weight).flatten().tolist() == [1.0, 2.0, 3.0, 4.0]
+
+
 def test_dropless_equals_capacity_that_drops_nothing():
     dropless = make()
     big = make(capacity_factor=4.0)  # capacity = N * k: no expert can overflow

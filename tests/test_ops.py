@@ -48,6 +48,23 @@ def test_sort_by_group_hand_worked():
     assert inverse.tolist() == [1, 0, 3, 4, 5, 2]
 
 
+def test_pad_groups_hand_worked():
+    # 6 slots (k = 1) in groups [1, 0, 1, 2, 1, 0] of 4 (group 3 empty)
+    ids = torch.tensor([1, 0, 1, 2, 1, 0])
+    order, inverse, counts = ops.sort_by_group_reference(ids, ids.new_empty(0), 4, -1)
+    assert order.tolist() == [1, 5, 0, 2, 4, 3]
+    padded_order, padded_inverse = ops.pad_groups(order, inverse, counts, 3)
+    assert padded_order.tolist() == [1, 5, -1, 0, 2, 4, 3, -1, -1, -1, -1, -1]
+    assert padded_inverse.tolist() == [3, 0, 4, 6, 5, 1]
+    # capacity 2 drops slot 4 (group 1's third); it stays past every padded row
+    order, inverse, counts = ops.sort_by_group_reference(ids, ids.new_empty(0), 4, 2)
+    padded_order, padded_inverse = ops.pad_groups(order, inverse, counts, 2)
+    assert padded_order.tolist() == [1, 5, 0, 2, 3, -1, -1, -1]
+    assert padded_inverse.tolist() == [2, 0, 3, 4, 8, 1]
+    with pytest.raises(ValueError, match="largest group"):
+        ops.pad_groups(order, inverse, counts, 1)
+
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
 
@@ -79,6 +96,29 @@ def test_rows_ops_equal_reference(dtype, N, k, G, capacity, empty_group):
     torch.testing.assert_close(torch.ops.moe_ops.slot_dots(x, y, order, inverse, k, kept),
                                ops.slot_dots_reference(x, y, order, inverse, k, kept),
                                atol=1e-4 if dtype != torch.float64 else 1e-12, rtol=1e-3)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N, k, G, capacity, empty_group",
+                         [c for c in CASES if c[0] in (1, 9) and c[1] < 4])
+def test_rows_ops_on_padded_layout_equal_reference(dtype, N, k, G, capacity, empty_group):
+    ids, priority, _ = case(N, k, G, capacity, empty_group, seed=2)
+    order, inverse, counts = ops.sort_by_group(ids, G, priority, capacity)
+    rows = int(counts.max()) + 1
+    order, inverse = ops.pad_groups(order, inverse, counts, rows)
+    kept, D = G * rows, 5
+    x, y, w = torch.randn(N, D).to(dtype), torch.randn(kept, D).to(dtype), torch.rand(N * k)
+    permuted = torch.ops.moe_ops.permute_rows(x, order, inverse, w, k, kept)
+    torch.testing.assert_close(permuted, ops.permute_rows_reference(x, order, inverse, w, k,
+                                                                    kept), atol=0, rtol=0)
+    assert not permuted[order < 0].any()  # padding rows are zeros
+    tol = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(torch.ops.moe_ops.unpermute_rows(y, order, inverse, w, k, kept),
+                               ops.unpermute_rows_reference(y, order, inverse, w, k, kept), **tol)
+    torch.testing.assert_close(torch.ops.moe_ops.slot_dots(x, y, order, inverse, k, kept),
+                               ops.slot_dots_reference(x, y, order, inverse, k, kept),
+                               atol=1e-4, rtol=1e-3)
 
 
 @needs_kernels
