@@ -31,14 +31,17 @@ def _probabilities(scores: torch.Tensor, score: str) -> torch.Tensor:
     return scores / scores.sum(dim=-1, keepdim=True).clamp(min=1e-20)
 
 
-def load_balance_loss(scores: torch.Tensor, expert: torch.Tensor, score: str = "softmax"):
-    """scores (N, E) router scores, expert (N, k) chosen experts -> scalar."""
+def load_balance_loss(scores: torch.Tensor, expert: torch.Tensor, score: str = "softmax",
+                      counts: torch.Tensor | None = None):
+    """scores (N, E) router scores, expert (N, k) chosen experts -> scalar. counts (E,): the
+    choices per expert, when the caller has them (else counted from `expert`)."""
     N, E = scores.shape
     if N == 0:
         return scores.sum() * 0
-    f = torch.bincount(expert.reshape(-1), minlength=E).to(scores.dtype) / expert.numel()
-    P = _probabilities(scores, score).mean(dim=0)
-    return E * (f * P).sum()
+    if counts is None:
+        counts = torch.bincount(expert.reshape(-1), minlength=E)
+    P = _probabilities(scores, score).mean(dim=0)  # (E,)
+    return torch.dot(counts.to(scores.dtype), P) * (E / expert.numel())
 
 
 def sequence_load_balance_loss(scores: torch.Tensor, expert: torch.Tensor, sequence: torch.Tensor,

@@ -68,22 +68,26 @@ class MoE(nn.Module):
             groups = modality.num_groups if isinstance(modality, Grouping) else None
             ids = row_ids(modality, groups or _num_ids(modality), x).reshape(-1)
         allowed = self.allowed_experts(ids)
+        routed = None  # (E,) routing choices per expert, before capacity, where known
         if cfg.router == "topk":
             bias = self.expert_bias if cfg.bias_balancing else None
             scores, expert, weight = route_topk(logits, cfg.score, cfg.top_k, cfg.renormalize,
                                                 bias, allowed)  # (N, E), (N, k), (N, k)
-            y, dropped = self.token_choice(rows, expert, weight)
+            y, dropped, routed = self.token_choice(rows, expert, weight)
         else:
             scores = router_scores(logits, cfg.score, allowed)  # (N, E) float32
             y, expert, dropped = self.expert_choice(rows, scores)
+        if routed is None:
+            routed = torch.bincount(expert.reshape(-1), minlength=cfg.num_experts)
         if self.shared is not None:
             shared = self.shared(rows)
             if self.shared_gate is not None:
                 shared = torch.sigmoid(self.shared_gate(rows)) * shared
             y = y + shared
-        aux, parts = self.aux_losses(logits, scores, expert, x, modality)
-        y = attach_aux_loss(y, aux, self.aux_loss_scale)
-        self.record(scores, expert, dropped, ids, parts)
+        aux, parts = self.aux_losses(logits, scores, expert, x, modality, routed)
+        if aux is not None:
+            y = attach_aux_loss(y, aux, self.aux_loss_scale)
+        self.record(scores, expert, routed, dropped, ids, parts)
         return y.view_as(x)
 
     def allowed_experts(self, ids: torch.Tensor | None) -> torch.Tensor | None:
@@ -99,7 +103,8 @@ class MoE(nn.Module):
         return self.group_of_expert[None, :] == ids[:, None]
 
     def token_choice(self, rows, expert, weight):
-        """rows (N, D), expert / weight (N, k) the routing -> (y (N, D), dropped slots)."""
+        """rows (N, D), expert / weight (N, k) the routing -> (y (N, D), dropped slots, routing
+        choices per expert (E,) when dropless, else None)."""
         cfg = self.cfg
         capacity = priority = None
         if cfg.capacity_factor is not None:
@@ -107,18 +112,19 @@ class MoE(nn.Module):
             priority = priority_order(expert, weight, cfg.drop_policy)
         padded = cfg.implementation == "padded" and self.dispatcher is None
         dispatch = TopKDispatch(expert, cfg.num_experts, capacity, priority, padded)
+        routed = dispatch.counts if capacity is None else None  # dropless: kept = routed
         if self.dispatcher is not None:  # expert parallel: kept slots go to their experts' ranks
             slot = dispatch.order[:dispatch.kept]
             y = self.dispatcher(rows, slot // cfg.top_k, expert.reshape(-1)[slot],
                                 weight.reshape(-1)[slot], self.experts,
                                 cfg.implementation == "loop")
-            return y, dispatch.dropped
+            return y, dispatch.dropped, routed
         x = dispatch.gather(rows)  # (kept, D)
         if padded:
             y = self.experts.ffn_padded(x.view(cfg.num_experts, -1, cfg.dim)).view_as(x)
         else:
             y = self.experts.ffn(x, dispatch.offsets, reference=cfg.implementation == "loop")
-        return dispatch.combine(y, weight), dispatch.dropped
+        return dispatch.combine(y, weight), dispatch.dropped, routed
 
     def expert_choice(self, rows, scores):
         cfg = self.cfg
@@ -144,41 +150,39 @@ class MoE(nn.Module):
         picked[token.reshape(-1)] = True
         return out, expert, int(N - picked.sum())
 
-    def aux_losses(self, logits, scores, expert, x, modality):
-        """-> (weighted sum to train on, {name: unweighted value} for the statistics)."""
+    def aux_losses(self, logits, scores, expert, x, modality, routed):
+        """-> (weighted sum to train on or None, {name: unweighted value} for the statistics).
+        routed (E,): the routing choices per expert."""
         cfg = self.cfg
-        aux = logits.new_zeros((), dtype=torch.float32)
-        parts = {}
+        terms, parts = [], {}
         if cfg.balance_loss > 0 and cfg.router == "topk":
             if cfg.balance_loss_type == "sequence":
                 sequence, count = sequence_ids(x, modality)
                 lb = sequence_load_balance_loss(scores, expert, sequence, count, cfg.score)
             else:
-                lb = load_balance_loss(scores, expert, cfg.score)
-            aux = aux + cfg.balance_loss * lb
+                lb = load_balance_loss(scores, expert, cfg.score, routed)
+            terms.append(cfg.balance_loss * lb)
             parts["balance_loss"] = lb.detach()
         if cfg.z_loss > 0:
             z = router_z_loss(logits)
-            aux = aux + cfg.z_loss * z
+            terms.append(cfg.z_loss * z)
             parts["z_loss"] = z.detach()
-        return aux, parts
+        return (sum(terms[1:], terms[0]) if terms else None), parts
 
     @torch.no_grad()
-    def record(self, scores, expert, dropped: int, ids, losses: dict) -> None:
+    def record(self, scores, expert, routed, dropped: int, ids, losses: dict) -> None:
         E = self.cfg.num_experts
-        tokens = torch.bincount(expert.reshape(-1), minlength=E)
-        probs = scores / scores.sum(dim=-1, keepdim=True).clamp(min=1e-20)
-        entropy = -(probs * probs.clamp(min=1e-20).log()).sum()
-        values = dict(tokens=tokens, dropped=torch.tensor(float(dropped)), entropy=entropy,
-                      rows=torch.tensor(float(scores.shape[0])), calls=torch.tensor(1.0),
-                      **losses)
+        probs = scores if self.cfg.score == "softmax" else \
+            scores / scores.sum(dim=-1, keepdim=True).clamp(min=1e-20)  # rows summing to 1
+        values = dict(tokens=routed, dropped=dropped, entropy=torch.special.entr(probs).sum(),
+                      rows=scores.shape[0], calls=1, **losses)
         if ids is not None and self.cfg.router == "topk":
             M = _num_ids(ids)
             pairs = ids.repeat_interleave(expert.shape[1]) * E + expert.reshape(-1)
             values["modality_tokens"] = torch.bincount(pairs, minlength=M * E).view(M, E)
         self.stats.add(**values)
         if self.cfg.bias_balancing and self.training:
-            self.load += tokens
+            self.load += routed
 
     @torch.no_grad()
     def update_bias(self) -> None:

@@ -10,27 +10,43 @@ import torch
 
 
 class RoutingStats:
-    """Sums of named tensors (tokens per group, dropped tokens, ...) since the last read."""
+    """Sums of named tensors or numbers (tokens per group, dropped tokens, ...) since the last
+    read, in float64. `add` only queues its values (a block calls it in every forward, where
+    each tiny op costs); they are summed every `FOLD` calls and on `read`. A tensor handed to
+    `add` must not be modified in place afterwards."""
+
+    FOLD = 64
 
     def __init__(self):
         self.sums: dict[str, torch.Tensor] = {}
+        self.pending: list[dict] = []
         self.calls = 0
 
-    @torch.no_grad()
-    def add(self, **values: torch.Tensor) -> None:
+    def add(self, **values) -> None:
         self.calls += 1
-        for key, value in values.items():
-            value = value.detach().to(torch.float64)
-            if key not in self.sums:
-                self.sums[key] = value.clone()
-                continue
-            total = self.sums[key]
-            if total.shape != value.shape:  # e.g. a modality seen for the first time: pad rows
-                shape = [max(a, b) for a, b in zip(total.shape, value.shape)]
-                total, value = _pad(total, shape), _pad(value, shape)
-            self.sums[key] = total + value
+        self.pending.append({key: value.detach() if isinstance(value, torch.Tensor) else value
+                             for key, value in values.items()})
+        if len(self.pending) >= self.FOLD:
+            self.fold()
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        """Add the queued values into the sums."""
+        for values in self.pending:
+            for key, value in values.items():
+                value = torch.as_tensor(value, dtype=torch.float64)
+                total = self.sums.get(key)
+                if total is None:
+                    self.sums[key] = value.clone()
+                    continue
+                if total.shape != value.shape:  # e.g. a modality seen for the first time
+                    shape = [max(a, b) for a, b in zip(total.shape, value.shape)]
+                    total, value = _pad(total, shape), _pad(value, shape)
+                self.sums[key] = total + value.to(total.device)
+        self.pending = []
 
     def read(self, reset: bool = True) -> dict[str, torch.Tensor]:
+        self.fold()
         out = {key: value.cpu() for key, value in self.sums.items()}
         if reset:
             self.sums, self.calls = {}, 0

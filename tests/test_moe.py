@@ -142,6 +142,9 @@ def test_load_balance_loss_hand_worked():
     assert load_balance_loss(scores, torch.tensor([[0], [1]])).item() == pytest.approx(1.0)
     # both to expert 0: f = [1, 0]: 2 * 0.55
     assert load_balance_loss(scores, torch.tensor([[0], [0]])).item() == pytest.approx(1.1)
+    # the same with the counts handed in (as the block does when dropless)
+    assert load_balance_loss(scores, torch.tensor([[0], [0]]), counts=torch.tensor([2, 0])
+                             ).item() == pytest.approx(1.1)
     # top-2 of 2 experts: f = [1/2, 1/2] whatever the scores
     assert load_balance_loss(scores, torch.tensor([[0, 1], [1, 0]])).item() == pytest.approx(1.0)
 
@@ -300,3 +303,20 @@ def test_top1_router_learns_from_the_task():
         moe(x).square().sum().backward()
         norms[renormalize] = float(moe.router.weight.grad.norm())
     assert norms[None] > 1e4 * norms[True]  # renormalised: only rounding error reaches it
+
+
+def test_routing_stats_sum_queued_numbers_and_tensors():
+    from moe.stats import RoutingStats
+
+    stats = RoutingStats()
+    stats.FOLD = 3  # fold twice within the seven calls, and once more on read
+    for i in range(7):
+        shape = (1, 2) if i < 4 else (2, 2)  # a second modality appears at call 4
+        stats.add(tokens=torch.tensor([1, i]), dropped=i, rows=2.5,
+                  modality_tokens=torch.ones(shape, dtype=torch.long))
+    assert len(stats.pending) == 1
+    sums = stats.read()
+    assert sums["tokens"].tolist() == [7.0, 21.0] and sums["dropped"].item() == 21.0
+    assert sums["rows"].item() == 17.5 and sums["tokens"].dtype == torch.float64
+    assert sums["modality_tokens"].tolist() == [[7.0, 7.0], [3.0, 3.0]]
+    assert stats.read() == {} and stats.calls == 0
