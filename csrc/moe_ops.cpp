@@ -4,6 +4,9 @@
 //   permute_rows(x, order, inverse, weights?, k, kept)   -> (R, D) rows grouped by group
 //   unpermute_rows(y, order, inverse, weights?, k, kept) -> (N, D) weighted sums per token
 //   slot_dots(a, b, order, inverse, k, kept)             -> (S,) float32, for weight gradients
+//   unpermute_rows_backward(grad, y, order, inverse, weights, k, kept)
+//       -> (permute_rows(grad, order, inverse, weights, k, kept)[:y rows],
+//           slot_dots(grad, y, order, inverse, k, kept))   in one pass over the rows
 //
 // S = inverse.numel() slots of N = S / k tokens; R = order.numel() rows, S of them from
 // sort_by_group, or more in a padded layout whose empty rows have order -1 (moe/ops.py).
@@ -130,6 +133,26 @@ void slot_dots_kernel(const scalar_t* a, const scalar_t* b, const int64_t* inver
   }
 }
 
+// The weighted unpermute's backward: each kept row r of slot s and token t gets
+// grad_y[r] = w[s] * grad[t] and grad_w[s] = <grad[t], y[r]>, reading grad[t] once for both.
+template <typename scalar_t>
+void unpermute_backward_kernel(const scalar_t* grad, const scalar_t* y, const int64_t* order,
+                               const float* w, scalar_t* grad_y, float* grad_w, int64_t R,
+                               int64_t D, int64_t k, int64_t kept) {
+  using acc_t = at::opmath_type<scalar_t>;
+#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
+  for (int64_t row = 0; row < R; ++row) {
+    scalar_t* dst = grad_y + row * D;
+    const int64_t slot = row_slot(order, kept, row);
+    if (slot < 0) {
+      std::memset(static_cast<void*>(dst), 0, D * sizeof(scalar_t));
+      continue;
+    }
+    grad_w[slot] = static_cast<float>(rows::scale_dot<scalar_t, acc_t>(
+        grad + token_of_slot(slot, k) * D, static_cast<acc_t>(w[slot]), dst, y + row * D, D));
+  }
+}
+
 void check_rows(const at::Tensor& x, const at::Tensor& order, const at::Tensor& inverse,
                 int64_t k, int64_t kept) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "rows must be a contiguous 2-D tensor");
@@ -186,6 +209,29 @@ at::Tensor slot_dots_cpu(const at::Tensor& a, const at::Tensor& b, const at::Ten
   return out;
 }
 
+std::tuple<at::Tensor, at::Tensor> unpermute_rows_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& y, const at::Tensor& order,
+    const at::Tensor& inverse, const at::Tensor& weights, int64_t k, int64_t kept) {
+  check_rows(y, order, inverse, k, kept);
+  const int64_t S = inverse.numel(), R = y.size(0), D = y.size(1);
+  TORCH_CHECK(grad.dim() == 2 && grad.is_contiguous() && grad.size(0) == S / k &&
+                  grad.size(1) == D && grad.scalar_type() == y.scalar_type(),
+              "grad must be contiguous (", S / k, ", ", D, ") rows of y's dtype");
+  TORCH_CHECK(R >= kept && R <= order.numel(), "y must have between kept (", kept,
+              ") and order's (", order.numel(), ") rows");
+  const float* w = weights_ptr(weights, S);
+  auto grad_y = at::empty({R, D}, y.options());
+  auto grad_w = at::zeros({S}, y.options().dtype(at::kFloat));  // dropped slots stay 0
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(),
+                                  "unpermute_rows_backward", [&] {
+    unpermute_backward_kernel<scalar_t>(grad.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+                                        order.data_ptr<int64_t>(), w,
+                                        grad_y.data_ptr<scalar_t>(), grad_w.data_ptr<float>(), R,
+                                        D, k, kept);
+  });
+  return {grad_y, grad_w};
+}
+
 TORCH_LIBRARY(moe_ops, m) {
   m.def("sort_by_group(Tensor ids, Tensor priority, int num_groups, int capacity)"
         " -> (Tensor, Tensor, Tensor)");
@@ -195,6 +241,8 @@ TORCH_LIBRARY(moe_ops, m) {
         " int kept) -> Tensor");
   m.def("slot_dots(Tensor a, Tensor b, Tensor order, Tensor inverse, int k, int kept)"
         " -> Tensor");
+  m.def("unpermute_rows_backward(Tensor grad, Tensor y, Tensor order, Tensor inverse,"
+        " Tensor weights, int k, int kept) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(moe_ops, CPU, m) {
@@ -202,6 +250,7 @@ TORCH_LIBRARY_IMPL(moe_ops, CPU, m) {
   m.impl("permute_rows", &permute_rows_cpu);
   m.impl("unpermute_rows", &unpermute_rows_cpu);
   m.impl("slot_dots", &slot_dots_cpu);
+  m.impl("unpermute_rows_backward", &unpermute_rows_backward_cpu);
 }
 
 }  // namespace moe_ops

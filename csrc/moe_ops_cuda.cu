@@ -159,11 +159,24 @@ at::Tensor slot_dots_cuda(const at::Tensor& a, const at::Tensor& b, const at::Te
   return out;
 }
 
+// The weighted unpermute's backward as two launches over the same index logic (the CPU kernel
+// does both in one pass over the rows).
+std::tuple<at::Tensor, at::Tensor> unpermute_rows_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& y, const at::Tensor& order,
+    const at::Tensor& inverse, const at::Tensor& weights, int64_t k, int64_t kept) {
+  TORCH_CHECK(y.size(0) >= kept && y.size(0) <= order.numel(), "y must have between kept (",
+              kept, ") and order's (", order.numel(), ") rows");
+  auto grad_y = permute_rows_cuda(grad, order, inverse, weights, k, kept).narrow(0, 0, y.size(0));
+  auto grad_w = slot_dots_cuda(grad, y, order, inverse, k, kept);
+  return {grad_y, grad_w};
+}
+
 TORCH_LIBRARY_IMPL(moe_ops, CUDA, m) {
   m.impl("sort_by_group", &sort_by_group_cuda);
   m.impl("permute_rows", &permute_rows_cuda);
   m.impl("unpermute_rows", &unpermute_rows_cuda);
   m.impl("slot_dots", &slot_dots_cuda);
+  m.impl("unpermute_rows_backward", &unpermute_rows_backward_cuda);
 }
 
 }  // namespace moe_ops

@@ -1,5 +1,5 @@
 // Row loops of the CPU kernels (moe_ops.cpp): scale, accumulate, store and dot one row of D
-// values, accumulating in float32 (float64 for double).
+// values (and scale_dot: a scaled copy and a dot product in one read), accumulating in float32 (float64 for double).
 //
 // float32 and bfloat16 get their own loops, compiled for AVX-512, AVX2 and baseline x86-64
 // (GCC picks one when the library loads: `target_clones`), with bfloat16 converted by bit
@@ -64,6 +64,19 @@ inline acc_t dot(const scalar_t* a, const scalar_t* b, int64_t D) {
   return acc;
 }
 
+// dst = src * s, and the dot product of src with other (one read of src for both)
+template <typename scalar_t, typename acc_t>
+inline acc_t scale_dot(const scalar_t* src, acc_t s, scalar_t* dst, const scalar_t* other,
+                       int64_t D) {
+  acc_t acc = acc_t(0);
+  for (int64_t d = 0; d < D; ++d) {
+    const acc_t v = static_cast<acc_t>(src[d]);
+    dst[d] = static_cast<scalar_t>(v * s);
+    acc += v * static_cast<acc_t>(other[d]);
+  }
+  return acc;
+}
+
 // ---- float32 -------------------------------------------------------------------------------
 
 MOE_CLONES static void scale_f32(const float* src, float s, float* dst, int64_t D) {
@@ -89,9 +102,25 @@ MOE_CLONES static float dot_f32(const float* a, const float* b, int64_t D) {
   return acc;
 }
 
+MOE_CLONES static float scale_dot_f32(const float* src, float s, float* dst, const float* other,
+                                      int64_t D) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t d = 0; d < D; ++d) {
+    dst[d] = src[d] * s;
+    acc += src[d] * other[d];
+  }
+  return acc;
+}
+
 template <>
 inline void scale<float, float>(const float* src, float s, float* dst, int64_t D) {
   scale_f32(src, s, dst, D);
+}
+template <>
+inline float scale_dot<float, float>(const float* src, float s, float* dst, const float* other,
+                                     int64_t D) {
+  return scale_dot_f32(src, s, dst, other, D);
 }
 template <>
 inline void accumulate<float, float>(float* acc, const float* src, float s, int64_t D,
@@ -133,6 +162,18 @@ MOE_CLONES static float dot_bf16(const uint16_t* a, const uint16_t* b, int64_t D
   return acc;
 }
 
+MOE_CLONES static float scale_dot_bf16(const uint16_t* src, float s, uint16_t* dst,
+                                       const uint16_t* other, int64_t D) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t d = 0; d < D; ++d) {
+    const float v = from_bf16(src[d]);
+    dst[d] = to_bf16(v * s);
+    acc += v * from_bf16(other[d]);
+  }
+  return acc;
+}
+
 using bf16 = c10::BFloat16;
 inline const uint16_t* bits(const bf16* p) { return reinterpret_cast<const uint16_t*>(p); }
 inline uint16_t* bits(bf16* p) { return reinterpret_cast<uint16_t*>(p); }
@@ -152,6 +193,11 @@ inline void store<bf16, float>(const float* acc, bf16* dst, int64_t D) {
 template <>
 inline float dot<bf16, float>(const bf16* a, const bf16* b, int64_t D) {
   return dot_bf16(bits(a), bits(b), D);
+}
+template <>
+inline float scale_dot<bf16, float>(const bf16* src, float s, bf16* dst, const bf16* other,
+                                    int64_t D) {
+  return scale_dot_bf16(bits(src), s, bits(dst), bits(other), D);
 }
 
 }  // namespace rows

@@ -9,7 +9,9 @@ each slot's row, `counts` (G,) the kept rows per group.
     permute_rows(x, order, inverse, w, k, kept)[row]   = x[order[row] // k] * w[order[row]]
     unpermute_rows(y, order, inverse, w, k, kept)[t]   = sum_j w[t*k+j] * y[inverse[t*k+j]]
     slot_dots(a, b, order, inverse, k, kept)[s]        = <a[s // k], b[inverse[s]]>
-(rows at or past `kept` count as zero; w is optional). Each is the other's backward.
+(rows at or past `kept` count as zero; w is optional). Each is the other's backward;
+`unpermute_rows_backward` computes the weighted unpermute's two gradients (rows and weights) in
+one pass.
 
 `pad_groups` turns that layout into a padded one: every group owns the same number of rows C
 (row g * C + rank), so the experts run as one batched matmul over (G, C, D). Its `order` has
@@ -71,9 +73,13 @@ def _weighted(rows: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
 def permute_rows_reference(x, order, inverse, weights, k: int, kept: int):
     slot = order[:kept]
     real = slot >= 0  # padding rows (-1) hold zeros
-    slot = slot.clamp(min=0)
-    rows = _weighted(x.index_select(0, slot // k), None if weights is None else weights[slot])
-    rows = torch.where(real[:, None], rows, rows.new_zeros(()))
+    if not bool(real.any()):  # also covers x without rows
+        rows = x.new_zeros(kept, x.shape[1])
+    else:
+        slot = slot.clamp(min=0)
+        rows = _weighted(x.index_select(0, slot // k),
+                         None if weights is None else weights[slot])
+        rows = torch.where(real[:, None], rows, rows.new_zeros(()))
     return torch.cat([rows, rows.new_zeros(order.numel() - kept, x.shape[1])])
 
 
@@ -120,6 +126,10 @@ if AVAILABLE:
     def _(a, b, order, inverse, k, kept):
         return a.new_empty(inverse.shape[0], dtype=torch.float32)
 
+    @torch.library.register_fake("moe_ops::unpermute_rows_backward")
+    def _(grad, y, order, inverse, weights, k, kept):
+        return torch.empty_like(y), grad.new_empty(inverse.shape[0], dtype=torch.float32)
+
     def _save(ctx, inputs, output):
         source, order, inverse, weights, k, kept = inputs
         ctx.save_for_backward(source, order, inverse, weights)
@@ -136,10 +146,12 @@ if AVAILABLE:
     def _unpermute_backward(ctx, grad):
         y, order, inverse, weights = ctx.saved_tensors
         grad = grad.contiguous()
+        if weights is not None and ctx.needs_input_grad[3]:  # both gradients in one pass
+            grad_y, grad_w = ops.unpermute_rows_backward(grad, y, order, inverse, weights,
+                                                         ctx.k, ctx.kept)
+            return grad_y, None, None, grad_w, None, None
         grad_y = ops.permute_rows(grad, order, inverse, weights, ctx.k, ctx.kept)[:y.shape[0]]
-        grad_w = ops.slot_dots(grad, y, order, inverse, ctx.k, ctx.kept) \
-            if weights is not None and ctx.needs_input_grad[3] else None
-        return grad_y, None, None, grad_w, None, None
+        return grad_y, None, None, None, None, None
 
     torch.library.register_autograd("moe_ops::permute_rows", _permute_backward,
                                     setup_context=_save)

@@ -99,6 +99,32 @@ def test_rows_ops_equal_reference(dtype, N, k, G, capacity, empty_group):
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("N, k, G, capacity, empty_group",
+                         [c for c in CASES if c[0] in (0, 9) and c[1] < 4 and c[2] == 3])
+def test_fused_unpermute_backward_equals_its_two_passes(dtype, padded, N, k, G, capacity,
+                                                       empty_group):
+    ids, priority, _ = case(N, k, G, capacity, empty_group, seed=4)
+    order, inverse, counts = ops.sort_by_group(ids, G, priority, capacity)
+    kept = int(counts.sum())
+    if padded:
+        rows = int(counts.max()) + 2
+        order, inverse = ops.pad_groups(order, inverse, counts, rows)
+        kept = G * rows
+    D = 9
+    grad, y, w = torch.randn(N, D).to(dtype), torch.randn(kept, D).to(dtype), torch.rand(N * k)
+    grad_y, grad_w = torch.ops.moe_ops.unpermute_rows_backward(grad, y, order, inverse, w, k,
+                                                              kept)
+    want_y = ops.permute_rows_reference(grad, order, inverse, w, k, kept)[:kept]
+    assert torch.equal(grad_y, want_y)  # the same rounding: one multiply per element
+    want_w = ops.slot_dots_reference(grad, y, order, inverse, k, kept)
+    torch.testing.assert_close(grad_w, want_w, atol=1e-4 if dtype != torch.float64 else 1e-12,
+                               rtol=1e-3)
+    assert grad_w[inverse >= kept].eq(0).all()  # dropped slots: no gradient
+
+
+@needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("N, k, G, capacity, empty_group",
                          [c for c in CASES if c[0] in (1, 9) and c[1] < 4])
@@ -207,6 +233,8 @@ def test_opcheck_every_op():
     torch.library.opcheck(m.permute_rows, (x, order, inverse, None, k, kept))
     torch.library.opcheck(m.unpermute_rows, (y, order, inverse, w, k, kept))
     torch.library.opcheck(m.slot_dots, (x.detach(), y.detach(), order, inverse, k, kept))
+    torch.library.opcheck(m.unpermute_rows_backward,
+                          (x.detach(), y.detach(), order, inverse, w.detach(), k, kept))
 
 
 @needs_kernels

@@ -4,8 +4,9 @@ both against the memory-copy floor.
     python -m experiments.bench ops [--tokens 16384 --dim 1024 --k 2 --groups 8]
 
 The floor is the bytes the four passes must move (permute: read and write S rows; unpermute:
-read S rows, write N; their backwards the same, plus the S x 2 rows read for the weights'
-gradient) divided by the bandwidth of a large `copy_` measured in the same run.
+read S rows, write N; permute's backward the same as unpermute; unpermute's backward, rows and
+weights' gradients in one pass: read S token rows and S expert rows, write S rows) divided by the
+bandwidth of a large `copy_` measured in the same run.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def main(argv: list[str]) -> int:
         rounds = time_rounds(fns, repeats=args.repeats)
         t = {n: statistics.median(v) for n, v in rounds.items()}
         bandwidth = 2 * big.numel() * big.element_size() / t["copy"]  # bytes read + written / s
-        rows_moved = 2 * S + (S + N) + (2 * S + 2 * S) + (S + N)
+        rows_moved = 2 * S + (S + N) + 3 * S + (S + N)
         floor = rows_moved * D * x.element_size() / bandwidth
         r = {"speedup_vs_reference": round(paired_ratio(rounds, "reference", "kernel"), 2),
              "fraction_of_copy_bandwidth": round(floor / t["kernel"], 2)}
