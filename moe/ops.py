@@ -79,7 +79,8 @@ def permute_rows_reference(x, order, inverse, weights, k: int, kept: int):
         slot = slot.clamp(min=0)
         rows = _weighted(x.index_select(0, slot // k),
                          None if weights is None else weights[slot])
-        rows = torch.where(real[:, None], rows, rows.new_zeros(()))
+        if not bool(real.all()):
+            rows = torch.where(real[:, None], rows, rows.new_zeros(()))
     return torch.cat([rows, rows.new_zeros(order.numel() - kept, x.shape[1])])
 
 
