@@ -45,23 +45,30 @@ CONFIGS = [dict(), dict(score="sigmoid", renormalize=False), dict(capacity_facto
            dict(top_k=4), dict(bias_balancing=True), dict(balance_loss_type="sequence")]
 
 
+def assert_same_block(options: dict, implementation: str) -> tuple[MoE, MoE]:
+    """The default implementation and `implementation`, same weights and inputs: equal
+    outputs, input gradients and parameter gradients. Returns (default, other)."""
+    torch.manual_seed(0)
+    grouped = make(**options)
+    other = make(**(options | {"implementation": implementation}))
+    other.load_state_dict(grouped.state_dict())
+    x = torch.randn(2, 13, 16, requires_grad=True)
+    x_other = x.detach().clone().requires_grad_()
+    modality = torch.randint(0, 2, (2, 13))
+    y, y_other = grouped(x, modality), other(x_other, modality)
+    torch.testing.assert_close(y_other, y, atol=1e-5, rtol=1e-5)
+    y.square().sum().backward()
+    y_other.square().sum().backward()
+    torch.testing.assert_close(x_other.grad, x.grad, atol=1e-5, rtol=1e-5)
+    for (name, p), p_other in zip(grouped.named_parameters(), other.parameters()):
+        torch.testing.assert_close(p_other.grad, p.grad, atol=1e-5, rtol=1e-5, msg=name)
+    return grouped, other
+
+
 @pytest.mark.parametrize("options", CONFIGS, ids=lambda o: ",".join(f"{k}={v}" for k, v in
                                                                      o.items()) or "default")
 def test_grouped_equals_loop_reference(options):
-    torch.manual_seed(0)
-    grouped = make(**options)
-    loop = make(**(options | {"implementation": "loop"}))
-    loop.load_state_dict(grouped.state_dict())
-    x = torch.randn(2, 13, 16, requires_grad=True)
-    x_ref = x.detach().clone().requires_grad_()
-    modality = torch.randint(0, 2, (2, 13))
-    y, y_ref = grouped(x, modality), loop(x_ref, modality)
-    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
-    y.square().sum().backward()
-    y_ref.square().sum().backward()
-    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
-    for (name, p), p_ref in zip(grouped.named_parameters(), loop.parameters()):
-        torch.testing.assert_close(p.grad, p_ref.grad, atol=1e-5, rtol=1e-5, msg=name)
+    assert_same_block(options, "loop")
 
 
 PADDED = [dict(), dict(capacity_factor=0.75), dict(capacity_factor=1.0, drop_policy="position"),
@@ -71,19 +78,7 @@ PADDED = [dict(), dict(capacity_factor=0.75), dict(capacity_factor=1.0, drop_pol
 @pytest.mark.parametrize("options", PADDED, ids=lambda o: ",".join(f"{k}={v}" for k, v in
                                                                    o.items()) or "default")
 def test_padded_equals_grouped(options):
-    torch.manual_seed(0)
-    grouped = make(**options)
-    padded = make(**(options | {"implementation": "padded"}))
-    padded.load_state_dict(grouped.state_dict())
-    x = torch.randn(2, 13, 16, requires_grad=True)
-    x_pad = x.detach().clone().requires_grad_()
-    y, y_pad = grouped(x), padded(x_pad)
-    torch.testing.assert_close(y_pad, y, atol=1e-5, rtol=1e-5)
-    y.square().sum().backward()
-    y_pad.square().sum().backward()
-    torch.testing.assert_close(x_pad.grad, x.grad, atol=1e-5, rtol=1e-5)
-    for (name, p), p_pad in zip(grouped.named_parameters(), padded.parameters()):
-        torch.testing.assert_close(p_pad.grad, p.grad, atol=1e-5, rtol=1e-5, msg=name)
+    grouped, padded = assert_same_block(options, "padded")
     assert padded.stats.read()["dropped"] == grouped.stats.read()["dropped"]
 
 
