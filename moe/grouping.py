@@ -191,15 +191,18 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
+                   contiguous_grad: bool = False) -> torch.Tensor:
     """x (N, D_in) rows grouped by id, weight (G, D_in, D_out), offsets (G,) int32 group ends
     -> (N, D_out). One grouped GEMM where it applies, else the per-group loop; half precision
-    on CPU cuts the groups into few distinct shapes (`moe.cpu_gemm`)."""
+    on CPU cuts the groups into few distinct shapes (`moe.cpu_gemm`). `contiguous_grad=True`
+    promises that the output's gradient will be a contiguous tensor (the caller's next op
+    makes one), which skips the guard for grouped_mm's backward (an autograd node per call)."""
     if cpu_gemm.applies(x, weight):
         return cpu_gemm.split_grouped_linear(x, weight, offsets)
     if _grouped_mm_applies(x, weight):
         y = F.grouped_mm(x.contiguous(), weight, offs=offsets)
-        return _ContiguousGrad.apply(y) if y.requires_grad else y
+        return _ContiguousGrad.apply(y) if y.requires_grad and not contiguous_grad else y
     return grouped_linear_reference(x, weight, offsets)
 
 

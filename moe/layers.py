@@ -75,10 +75,14 @@ class GroupedSwiGLU(nn.Module):
     def ffn(self, x: torch.Tensor, offsets: torch.Tensor, reference: bool = False):
         """x (N, D) rows grouped by id, offsets (G,) group ends -> (N, D). Rows past the last
         offset are not computed. `reference` runs the per-group loop instead of grouped GEMMs."""
-        mm = grouped_linear_reference if reference else grouped_linear
-        gate, up = mm(x, self.w1, offsets), mm(x, self.w3, offsets)  # (N, H) each
-        h = F.silu(gate) * up if reference else fused.swiglu(gate, up)
-        return mm(h, self.w2, offsets)  # (N, D)
+        if reference:
+            gate = grouped_linear_reference(x, self.w1, offsets)
+            up = grouped_linear_reference(x, self.w3, offsets)
+            return grouped_linear_reference(F.silu(gate) * up, self.w2, offsets)
+        # the gate's backward hands the first two products fresh, contiguous gradients
+        gate = grouped_linear(x, self.w1, offsets, contiguous_grad=True)  # (N, H)
+        up = grouped_linear(x, self.w3, offsets, contiguous_grad=True)
+        return grouped_linear(fused.swiglu(gate, up), self.w2, offsets)  # (N, D)
 
     def ffn_padded(self, x: torch.Tensor) -> torch.Tensor:
         """x (G, C, D): C rows per group (zeros where a group has fewer) -> (G, C, D), as one

@@ -85,6 +85,21 @@ def test_grouped_linear_backward_accepts_expanded_gradient():
     torch.testing.assert_close(w.grad, expected.expand(3, 16, 16))
 
 
+def test_grouped_swiglu_backward_accepts_expanded_gradient():
+    # only its last product keeps the guard: the first two get the gate's fresh gradients
+    ffn = GroupedSwiGLU(3, 16, 32)
+    g = Grouping.from_ids(torch.randint(0, 3, (40,)), 3)
+    x = torch.randn(40, 16, requires_grad=True)
+    ffn.ffn(g.permute(x), g.offsets).sum().backward()  # d(sum) is a stride-0 tensor
+    x_ref = x.detach().clone().requires_grad_()
+    ffn_ref = GroupedSwiGLU(3, 16, 32)
+    ffn_ref.load_state_dict(ffn.state_dict())
+    ffn_ref.ffn(g.permute(x_ref), g.offsets, reference=True).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
+    for p, p_ref in zip(ffn.parameters(), ffn_ref.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, atol=1e-5, rtol=1e-5)
+
+
 def test_grouped_swiglu_equals_per_group_ffns():
     ffn = GroupedSwiGLU(3, 16, 32)
     x = torch.randn(2, 11, 16)
