@@ -46,10 +46,11 @@ class MoEConfig:
         shared_experts * (shared_hidden or hidden); shared_gate: Qwen2-MoE's sigmoid gate on it.
     experts_per_modality: MoMa: experts split into consecutive groups, one per modality; a token
         is routed only among its modality's experts (needs modality ids).
-    implementation: "grouped" (grouped GEMM over each expert's rows), "padded" (every expert
-        padded to the same rows -- the capacity, or the largest group -- and one batched matmul;
-        faster on CPU for small experts, see README), "loop" (per-expert reference), or
-        "megablocks" (megablocks' dropless MoE; needs that package and CUDA).
+    implementation: "grouped" (grouped GEMM over each expert's rows), "padded" (GShard's
+        layout: every expert padded to the same rows -- the capacity, or the largest group --
+        and one batched matmul; it computes the padding too, so it pays off only for small
+        experts with even load, see README), "loop" (per-expert reference), or "megablocks"
+        (megablocks' dropless MoE; needs that package and CUDA).
     """
 
     dim: int | None = None

@@ -11,8 +11,8 @@ weights fused into the unpermute; each is the other's backward), else their PyTo
 
 `padded=True` gives every expert the same number of rows C (the capacity, or the largest group
 rounded up to `PAD_MULTIPLE`), zeros below each group's rows, so the experts run as one batched
-matmul over (E, C, D): on CPU that beats one product per expert for small products (see README,
-Benchmarks), at the price of the padding rows' FLOPs.
+matmul over (E, C, D): one call instead of one product per expert, at the price of the padding
+rows' FLOPs, which an uneven load makes large (see README, Mixture-of-Experts).
 """
 
 from __future__ import annotations
