@@ -127,19 +127,29 @@ void for_runs(const std::vector<std::vector<Piece>>& runs, F&& f) {
 
 // out[s:e] = a[s:e] @ bg: whole chunks, then the rest on whole 64-row blocks. The last block
 // may run on past e up to row `limit` (rows that later products of the same thread overwrite, or
-// that the caller zeroes); past that, the tail runs padded to one block on the side.
+// that the caller zeroes). Where it may not, the blocks end at e instead and start up to 63 rows
+// before s, inside rows [floor, s) that this thread computed already: those rows are put back
+// afterwards. Only without such rows does the tail run padded to one block on the side (a
+// separate product, which costs about as much again as packing the weight).
 void rows_product(const at::Tensor& a, const at::Tensor& bg, at::Tensor& out, int64_t s,
-                  int64_t e, int64_t limit) {
+                  int64_t e, int64_t floor, int64_t limit) {
   for (; e - s >= kChunk; s += kChunk) {
     auto dst = out.narrow(0, s, kChunk);
     at::mm_out(dst, a.narrow(0, s, kChunk), bg);
   }
-  const int64_t stop = s + (e - s + kBlock - 1) / kBlock * kBlock;
-  if (stop <= limit) {
-    if (stop > s) {
-      auto dst = out.narrow(0, s, stop - s);
-      at::mm_out(dst, a.narrow(0, s, stop - s), bg);
-    }
+  const int64_t rows = (e - s + kBlock - 1) / kBlock * kBlock;
+  if (rows == 0) return;
+  if (s + rows <= limit) {
+    auto dst = out.narrow(0, s, rows);
+    at::mm_out(dst, a.narrow(0, s, rows), bg);
+    return;
+  }
+  const int64_t back = e - rows;  // the blocks end at e
+  if (back >= floor) {
+    auto kept = out.narrow(0, back, s - back).clone();  // done rows the blocks run over
+    auto dst = out.narrow(0, back, rows);
+    at::mm_out(dst, a.narrow(0, back, rows), bg);
+    out.narrow(0, back, s - back).copy_(kept);
     return;
   }
   const int64_t cut = s + (e - s) / kBlock * kBlock;
@@ -195,7 +205,8 @@ at::Tensor group_rows_mm_cpu(const at::Tensor& a, const at::Tensor& b, at::IntAr
     // a block may spill into the rows of the run's later pieces, and the last run's past the
     // last group's rows: never into another thread's
     const int64_t limit = r + 1 == static_cast<int64_t>(runs.size()) ? N : run.back().end;
-    for (const Piece& p : run) rows_product(a, b[p.group], out, p.start, p.end, limit);
+    const int64_t floor = run.front().start;  // rows below belong to other threads
+    for (const Piece& p : run) rows_product(a, b[p.group], out, p.start, p.end, floor, limit);
   });
   if (done < N) out.narrow(0, done, N - done).zero_();  // after any spill into them
   return out;

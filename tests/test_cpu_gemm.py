@@ -11,9 +11,11 @@ needs_kernels = pytest.mark.skipif(not ops.AVAILABLE, reason="moe._C was not bui
                                    "(needs a C++ compiler at install time)")
 
 # group sizes that exercise every branch: empty groups, a single row, exact blocks, a block
-# plus one, a small group whose neighbour's spill crosses it, a short last group
+# plus one, a small group whose neighbour's spill crosses it, a short last group, a last group
+# whose blocks end at the buffer's end and start back inside the two groups before it
 SIZES = [
     [0, 1, 0],
+    [30, 20, 100],
     [BLOCK, BLOCK - 1, BLOCK + 1],
     [70, 5, 3, 130],
     [200],
