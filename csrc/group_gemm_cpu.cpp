@@ -19,9 +19,11 @@
 // and group sizes change every step. So each group runs in chunks of 2048 rows, then whole
 // 64-row blocks: every product has one of 32 row counts (64, 128, ..., 2048), all compiled after a
 // short warm-up, whatever the group sizes. A product's last block may spill into rows that later
-// products of the same thread overwrite; a thread's last product computes its tail padded on the
-// side instead, so no thread writes another's rows. Weight gradients add the chunks' products in
-// the output's dtype.
+// products of the same thread overwrite; a thread's last product, which may not spill, ends its
+// blocks at its own end and starts them back inside rows the thread computed before (putting
+// those rows back afterwards), or, without such rows, computes its tail padded on the side; no
+// thread writes another's rows. Weight gradients add the chunks' products in the output's dtype,
+// the last partial block padded.
 // The readable reference is the per-group loop `moe.grouping.grouped_linear_reference`.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
