@@ -167,9 +167,15 @@ void rows_product(const at::Tensor& a, const at::Tensor& bg, at::Tensor& out, in
 }
 
 // outg = a[s:e]^T @ b[s:e] (`first`), or outg += that: whole chunks and whole blocks accumulated
-// in outg's dtype, then the tail padded to one block.
+// in outg's dtype, then the partial block. A partial block is either one more product over a
+// padded block added into outg (a pass over the whole output), or, where copying the narrower
+// operand's rows costs fewer bytes than that pass, folded into the last product: the narrower
+// operand's rows copied into whole blocks with zero rows around them, the wider one read in
+// place over the same whole blocks (past e into the next groups' rows, or before s at the end:
+// zero rows opposite make them count for nothing; only rows of [begin, done), the groups' rows,
+// are read, and a non-finite value there would reach this sum, in a step non-finite anyway).
 void inner_product(const at::Tensor& a, const at::Tensor& b, at::Tensor outg, int64_t s,
-                   int64_t e, bool first) {
+                   int64_t e, bool first, int64_t begin, int64_t done) {
   auto add = [&](const at::Tensor& x, const at::Tensor& y) {
     if (first) {
       at::mm_out(outg, x, y);
@@ -179,7 +185,25 @@ void inner_product(const at::Tensor& a, const at::Tensor& b, at::Tensor outg, in
     first = false;
   };
   for (; e - s >= kChunk; s += kChunk) add(a.narrow(0, s, kChunk).t(), b.narrow(0, s, kChunk));
-  const int64_t cut = s + (e - s) / kBlock * kBlock;
+  const int64_t n = e - s, rows = (n + kBlock - 1) / kBlock * kBlock;
+  const bool pad_a = a.size(1) <= b.size(1);
+  const int64_t narrow = pad_a ? a.size(1) : b.size(1);
+  const int64_t lo = s + rows <= done ? s : e - rows;  // the whole blocks read in place
+  if (n % kBlock != 0 && lo >= begin && n * narrow < 2 * a.size(1) * b.size(1)) {
+    const at::Tensor& src = pad_a ? a : b;
+    auto padded = at::empty({rows, narrow}, src.options());
+    const int64_t at = s - lo;  // where the rows go: zeros before and after
+    if (at > 0) padded.narrow(0, 0, at).zero_();
+    padded.narrow(0, at, n).copy_(src.narrow(0, s, n));
+    if (at + n < rows) padded.narrow(0, at + n, rows - at - n).zero_();
+    if (pad_a) {
+      add(padded.t(), b.narrow(0, lo, rows));
+    } else {
+      add(a.narrow(0, lo, rows).t(), padded);
+    }
+    return;
+  }
+  const int64_t cut = s + n / kBlock * kBlock;
   if (cut > s) add(a.narrow(0, s, cut - s).t(), b.narrow(0, s, cut - s));
   if (e > cut) {
     auto pa = at::zeros({kBlock, a.size(1)}, a.options());
@@ -225,12 +249,13 @@ at::Tensor group_inner_mm_cpu(const at::Tensor& a, const at::Tensor& b, at::IntA
   // whole groups per thread, where that balances: a group cut between threads would need a
   // partial sum per thread, which costs more than it gains
   const auto runs = plan_for(spans, spread, true);
+  const int64_t begin = G ? spans.front().start : 0, done = G ? spans.back().end : 0;
   std::vector<char> written(G, 0);
   for_runs(runs, [&](int64_t, const std::vector<Piece>& run) {
     for (size_t i = 0; i < run.size(); ++i) {
       const Piece& p = run[i];
       const bool first = i == 0 || run[i - 1].group != p.group;
-      inner_product(a, b, out[p.group], p.start, p.end, first);
+      inner_product(a, b, out[p.group], p.start, p.end, first, begin, done);
       written[p.group] = 1;  // each group belongs to one run
     }
   });

@@ -107,3 +107,17 @@ def test_only_half_precision_on_cpu_takes_the_blocked_path():
     assert not applies(x, w)
     assert applies(x.bfloat16(), w.bfloat16())
     assert not applies(x.bfloat16(), w)  # mixed dtypes go to the general path
+
+
+@needs_kernels
+@pytest.mark.parametrize("spread", [True, False])
+def test_weight_gradient_reads_no_rows_past_the_groups(spread):
+    # the partial blocks read neighbouring rows in place against zero rows: rows that belong to
+    # no group (here NaN) must not be among them
+    x, w, offsets = case([70, 5, 3], torch.float64, extra_rows=60)
+    n = int(offsets[-1])
+    a, g = x.detach().clone(), torch.randn(n + 60, 40, dtype=torch.float64)
+    a[n:], g[n:] = float("nan"), float("nan")
+    got = torch.ops.moe_ops.group_inner_mm(a, g, offsets.tolist(), spread)
+    want = torch.stack([a[s:e].t() @ g[s:e] for s, e in spans_of(offsets)])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
