@@ -10,7 +10,7 @@ Permute and combine are the compiled kernels of `csrc/` where built (one pass ea
 weights fused into the unpermute; each is the other's backward), else their PyTorch references.
 
 `padded=True` gives every expert the same number of rows C (the capacity, or the largest group
-rounded up to `PAD_MULTIPLE`), zeros below each group's rows, so the experts run as one batched
+rounded up to `pad_multiple`), zeros below each group's rows, so the experts run as one batched
 matmul over (E, C, D): one call instead of one product per expert, at the price of the padding
 rows' FLOPs, which an uneven load makes large (see README, Mixture-of-Experts).
 """
@@ -32,16 +32,16 @@ def priority_order(expert: torch.Tensor, weight: torch.Tensor, policy: str) -> t
     return torch.arange(N * k, device=expert.device).view(N, k).t().reshape(-1)
 
 
-PAD_MULTIPLE = 8  # dropless padded rows per expert: the largest group rounded up to this
-
-
 class TopKDispatch:
     """expert (N, k) chosen experts; capacity slots per expert (None: dropless), claimed in
     `priority` order (a permutation of the slots; None: slot order). `padded`: every expert
-    gets `rows_per_expert` rows (gather gives (E * rows_per_expert, D))."""
+    gets `rows_per_expert` rows (gather gives (E * rows_per_expert, D)): the capacity, or
+    dropless the largest group rounded up to `pad_multiple` (64 keeps the shapes oneDNN meets in
+    half precision on CPU few, as `moe.cpu_gemm` does)."""
 
     def __init__(self, expert: torch.Tensor, num_experts: int, capacity: int | None = None,
-                 priority: torch.Tensor | None = None, padded: bool = False):
+                 priority: torch.Tensor | None = None, padded: bool = False,
+                 pad_multiple: int = 8):
         self.N, self.k = expert.shape
         self.order, self.inverse, self.counts = ops.sort_by_group(
             expert.reshape(-1), num_experts, priority, capacity)
@@ -52,7 +52,7 @@ class TopKDispatch:
         if padded:
             largest = int(self.counts.max()) if num_experts else 0
             rows = capacity if capacity is not None else \
-                -(-largest // PAD_MULTIPLE) * PAD_MULTIPLE
+                -(-largest // pad_multiple) * pad_multiple
             self.order, self.inverse = ops.pad_groups(self.order, self.inverse, self.counts,
                                                       rows)
             self.rows_per_expert, self.kept = rows, num_experts * rows

@@ -16,6 +16,7 @@ import math
 import torch
 import torch.nn as nn
 
+from moe import cpu_gemm
 from moe.config import MoEConfig
 from moe.dispatch import TopKDispatch, priority_order
 from moe.grouping import Grouping, row_ids
@@ -111,7 +112,9 @@ class MoE(nn.Module):
             capacity = cfg.capacity(rows.shape[0])
             priority = priority_order(expert, weight, cfg.drop_policy)
         padded = cfg.implementation == "padded" and self.dispatcher is None
-        dispatch = TopKDispatch(expert, cfg.num_experts, capacity, priority, padded)
+        dispatch = TopKDispatch(expert, cfg.num_experts, capacity, priority, padded,
+                                pad_multiple=cpu_gemm.BLOCK if cpu_gemm.applies(
+                                    rows, self.experts.w1) else 8)
         routed = dispatch.counts if capacity is None else None  # dropless: kept = routed
         if self.dispatcher is not None:  # expert parallel: kept slots go to their experts' ranks
             slot = dispatch.order[:dispatch.kept]

@@ -315,3 +315,24 @@ def test_routing_stats_sum_queued_numbers_and_tensors():
     assert sums["rows"].item() == 17.5 and sums["tokens"].dtype == torch.float64
     assert sums["modality_tokens"].tolist() == [[7.0, 7.0], [3.0, 3.0]]
     assert stats.read() == {} and stats.calls == 0
+
+
+def test_padded_half_precision_pads_to_whole_blocks(monkeypatch):
+    # bfloat16 matmuls on CPU compile a kernel per shape: padded rows are multiples of 64
+    from moe.layers import GroupedSwiGLU
+
+    rows = []
+    run = GroupedSwiGLU.ffn_padded
+    monkeypatch.setattr(GroupedSwiGLU, "ffn_padded",
+                        lambda self, x: rows.append(x.shape[1]) or run(self, x))
+    torch.manual_seed(0)
+    grouped = make().to(torch.bfloat16)
+    padded = make(implementation="padded").to(torch.bfloat16)
+    padded.load_state_dict(grouped.state_dict())
+    x = torch.randn(2, 13, 16, dtype=torch.bfloat16)
+    torch.testing.assert_close(padded(x), grouped(x), atol=2e-2, rtol=2e-2)
+    padded.stats.read()
+    padded.float()(x.float())
+    largest = int(padded.stats.read()["tokens"].max())
+    # bfloat16: one 64-row block; float32: the largest group rounded up to 8
+    assert rows == [64, -(-largest // 8) * 8] and largest < 64
