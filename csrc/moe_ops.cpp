@@ -68,9 +68,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sort_by_group_cpu(const at::Tenso
 
 // The CPU loops work row by row: the index arithmetic (moe_index.h) once per row, then the
 // vectorised row loops of moe_rows_cpu.h.
+//
+// out[row] = x[token] * w[slot] for the slot of each row (zeros for dropped and padding rows);
+// with `other`, also dots[slot] = <x[token], other[row]> from the same read of x[token] (the
+// weighted unpermute's backward: row and weight gradients in one pass).
 template <typename scalar_t>
 void permute_kernel(const scalar_t* x, const int64_t* order, const float* w, scalar_t* out,
-                    int64_t R, int64_t D, int64_t k, int64_t kept) {
+                    int64_t R, int64_t D, int64_t k, int64_t kept,
+                    const scalar_t* other = nullptr, float* dots = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
 #pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
   for (int64_t row = 0; row < R; ++row) {
@@ -81,7 +86,10 @@ void permute_kernel(const scalar_t* x, const int64_t* order, const float* w, sca
       continue;
     }
     const scalar_t* src = x + token_of_slot(slot, k) * D;
-    if (w == nullptr) {
+    if (other != nullptr) {
+      dots[slot] = static_cast<float>(rows::scale_dot<scalar_t, acc_t>(
+          src, static_cast<acc_t>(w[slot]), dst, other + row * D, D));
+    } else if (w == nullptr) {
       std::memcpy(static_cast<void*>(dst), src, D * sizeof(scalar_t));
     } else {
       rows::scale<scalar_t, acc_t>(src, static_cast<acc_t>(w[slot]), dst, D);
@@ -130,26 +138,6 @@ void slot_dots_kernel(const scalar_t* a, const scalar_t* b, const int64_t* inver
     const int64_t row = slot_row(inverse, kept, s);
     out[s] = row < 0 ? 0.f : static_cast<float>(rows::dot<scalar_t, acc_t>(
                                  a + token_of_slot(s, k) * D, b + row * D, D));
-  }
-}
-
-// The weighted unpermute's backward: each kept row r of slot s and token t gets
-// grad_y[r] = w[s] * grad[t] and grad_w[s] = <grad[t], y[r]>, reading grad[t] once for both.
-template <typename scalar_t>
-void unpermute_backward_kernel(const scalar_t* grad, const scalar_t* y, const int64_t* order,
-                               const float* w, scalar_t* grad_y, float* grad_w, int64_t R,
-                               int64_t D, int64_t k, int64_t kept) {
-  using acc_t = at::opmath_type<scalar_t>;
-#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
-  for (int64_t row = 0; row < R; ++row) {
-    scalar_t* dst = grad_y + row * D;
-    const int64_t slot = row_slot(order, kept, row);
-    if (slot < 0) {
-      std::memset(static_cast<void*>(dst), 0, D * sizeof(scalar_t));
-      continue;
-    }
-    grad_w[slot] = static_cast<float>(rows::scale_dot<scalar_t, acc_t>(
-        grad + token_of_slot(slot, k) * D, static_cast<acc_t>(w[slot]), dst, y + row * D, D));
   }
 }
 
@@ -224,10 +212,9 @@ std::tuple<at::Tensor, at::Tensor> unpermute_rows_backward_cpu(
   auto grad_w = at::zeros({S}, y.options().dtype(at::kFloat));  // dropped slots stay 0
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(),
                                   "unpermute_rows_backward", [&] {
-    unpermute_backward_kernel<scalar_t>(grad.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-                                        order.data_ptr<int64_t>(), w,
-                                        grad_y.data_ptr<scalar_t>(), grad_w.data_ptr<float>(), R,
-                                        D, k, kept);
+    permute_kernel<scalar_t>(grad.data_ptr<scalar_t>(), order.data_ptr<int64_t>(), w,
+                             grad_y.data_ptr<scalar_t>(), R, D, k, kept, y.data_ptr<scalar_t>(),
+                             grad_w.data_ptr<float>());
   });
   return {grad_y, grad_w};
 }
