@@ -112,9 +112,9 @@ class MoE(nn.Module):
             capacity = cfg.capacity(rows.shape[0])
             priority = priority_order(expert, weight, cfg.drop_policy)
         padded = cfg.implementation == "padded" and self.dispatcher is None
-        dispatch = TopKDispatch(expert, cfg.num_experts, capacity, priority, padded,
-                                pad_multiple=cpu_gemm.BLOCK if cpu_gemm.applies(
-                                    rows, self.experts.w1) else 8)
+        # half precision on CPU: few distinct shapes for oneDNN, as in moe.cpu_gemm
+        multiple = cpu_gemm.BLOCK if padded and cpu_gemm.applies(rows, self.experts.w1) else 8
+        dispatch = TopKDispatch(expert, cfg.num_experts, capacity, priority, padded, multiple)
         routed = dispatch.counts if capacity is None else None  # dropless: kept = routed
         if self.dispatcher is not None:  # expert parallel: kept slots go to their experts' ranks
             slot = dispatch.order[:dispatch.kept]
