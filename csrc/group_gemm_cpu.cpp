@@ -192,10 +192,10 @@ void inner_product(const at::Tensor& a, const at::Tensor& b, at::Tensor outg, in
   if (n % kBlock != 0 && lo >= begin && n * narrow < 2 * a.size(1) * b.size(1)) {
     const at::Tensor& src = pad_a ? a : b;
     auto padded = at::empty({rows, narrow}, src.options());
-    const int64_t at = s - lo;  // where the rows go: zeros before and after
-    if (at > 0) padded.narrow(0, 0, at).zero_();
-    padded.narrow(0, at, n).copy_(src.narrow(0, s, n));
-    if (at + n < rows) padded.narrow(0, at + n, rows - at - n).zero_();
+    const int64_t offset = s - lo;  // where the rows go: zeros before and after
+    if (offset > 0) padded.narrow(0, 0, offset).zero_();
+    padded.narrow(0, offset, n).copy_(src.narrow(0, s, n));
+    if (offset + n < rows) padded.narrow(0, offset + n, rows - offset - n).zero_();
     if (pad_a) {
       add(padded.t(), b.narrow(0, lo, rows));
     } else {
