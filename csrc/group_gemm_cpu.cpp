@@ -1,21 +1,24 @@
 // Grouped GEMMs on CPU with the work shared out among the threads, one product per thread at a
-// time, for the mid-sized products of MoE experts and MoT modalities in half precision.
+// time, for the mid-sized products of MoE experts and MoT modalities.
 //
-//   group_rows_mm(a (N, K), b (G, K, M) or its (G, M, K) transpose, ends [G])  -> (N, M)
-//       rows [ends[g-1], ends[g]) of the result = those rows of a @ b[g]; rows past the last
-//       end are zero
-//   group_inner_mm(a (N, Ka), b (N, Kb), ends [G])                             -> (G, Ka, Kb)
+//   group_rows_mm(a (N, K), b (G, K, M) or its (G, M, K) transpose, ends [G], spread, block)
+//       -> (N, M): rows [ends[g-1], ends[g]) of the result = those rows of a @ b[g]; rows past
+//       the last end are zero
+//   group_inner_mm(a (N, Ka), b (N, Kb), ends [G], spread, block)      -> (G, Ka, Kb)
 //       result[g] = a[rows of g]^T @ b[rows of g] (zero for an empty group)
 //
 // Why: a mid-sized product (1024 x 512 x 1024 in bfloat16) gains only ~1.6x from a second thread,
-// so two of them side by side, one per thread, finish sooner than one after the other on both.
+// so two of them side by side, one per thread, finish sooner than one after the other on both;
+// small float32 products too (8 experts of 512 x 128 x 192: 5 % less time for an MoE layer's
+// forward and backward than torch's grouped_mm, which runs the groups in turn).
 // With `spread`, the rows of all groups are cut into one stretch per thread with about equal rows
 // (cutting a group where needed, a whole number of blocks after its start), each thread running
 // its stretch's products on its own. Weight gradients (sums over a group's rows) share out whole
 // groups only, when that balances the threads. Without `spread`, the groups run one after
 // another with every thread on each product.
 //
-// Shapes: oneDNN compiles a kernel for every new shape in half precision (2-8 ms, moe/cpu_gemm.py)
+// Shapes (block 64, for half precision; block 1 computes exact rows and skips all of this):
+// oneDNN compiles a kernel for every new shape in half precision (2-8 ms, moe/cpu_gemm.py)
 // and group sizes change every step. So each group runs in chunks of 2048 rows, then whole
 // 64-row blocks: every product has one of 32 row counts (64, 128, ..., 2048), all compiled after a
 // short warm-up, whatever the group sizes. A product's last block may spill into rows that later
@@ -30,13 +33,22 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <vector>
 
 namespace moe_ops {
 namespace {
 
-constexpr int64_t kBlock = 64;
-constexpr int64_t kChunk = 2048;  // rows per product at most: few distinct shapes (see above)
+constexpr int64_t kChunk = 2048;  // rows per product at most in blocks: few distinct shapes
+constexpr int64_t kMinRows = 64;  // rows per thread at least, to share a product out
+
+// How products cut their rows: whole `block`-row blocks in products of at most `chunk` rows
+// (half precision), or block 1: exact rows in one product per piece (float32 / float64, whose
+// BLAS kernels compile nothing per shape).
+struct Cut {
+  int64_t block, chunk;
+  explicit Cut(int64_t b) : block(b), chunk(b > 1 ? kChunk : INT64_MAX) {}
+};
 
 struct Span {
   int64_t group, start, end;
@@ -61,9 +73,9 @@ struct Piece {
 
 // The pieces each of `runs` threads computes, in row order: all groups' rows cut into `runs`
 // stretches of about equal rows (a cut inside a group falls a whole number of blocks after its
-// start), and each stretch into products of at most kChunk rows.
+// start), and each stretch into products of at most `cut.chunk` rows.
 std::vector<std::vector<Piece>> plan(const std::vector<Span>& spans, int64_t runs,
-                                     bool whole_groups) {
+                                     bool whole_groups, Cut cut_rows) {
   std::vector<std::vector<Piece>> out(runs);
   if (spans.empty()) return out;
   const int64_t first = spans.front().start, done = spans.back().end, total = done - first;
@@ -73,7 +85,7 @@ std::vector<std::vector<Piece>> plan(const std::vector<Span>& spans, int64_t run
     int64_t cut = first + total * t / runs;
     for (const Span& s : spans) {
       if (cut >= s.start && cut < s.end) {
-        const int64_t step = whole_groups ? s.end - s.start : kBlock;
+        const int64_t step = whole_groups ? s.end - s.start : cut_rows.block;
         cut = std::min(s.end, s.start + (cut - s.start + step / 2) / step * step);
         break;
       }
@@ -83,8 +95,8 @@ std::vector<std::vector<Piece>> plan(const std::vector<Span>& spans, int64_t run
   for (int64_t t = 0; t < runs; ++t) {
     for (const Span& s : spans) {
       const int64_t lo = std::max(s.start, bound[t]), hi = std::min(s.end, bound[t + 1]);
-      for (int64_t p = lo; p < hi; p += kChunk) {
-        out[t].push_back({s.group, p, std::min(p + kChunk, hi)});
+      for (int64_t p = lo; p < hi; p += std::min(cut_rows.chunk, hi - p)) {
+        out[t].push_back({s.group, p, p + std::min(cut_rows.chunk, hi - p)});
       }
     }
   }
@@ -95,16 +107,16 @@ std::vector<std::vector<Piece>> plan(const std::vector<Span>& spans, int64_t run
 // stretch whose products each use all threads. With `whole_groups` the stretches end at group
 // boundaries only, and a split that would load a thread 20% above the mean is not taken.
 std::vector<std::vector<Piece>> plan_for(const std::vector<Span>& spans, bool spread,
-                                         bool whole_groups) {
+                                         bool whole_groups, Cut cut) {
   const int64_t threads = at::get_num_threads();
   const int64_t total = spans.empty() ? 0 : spans.back().end - spans.front().start;
-  if (!spread || threads < 2 || total < threads * kBlock) return plan(spans, 1, false);
-  auto runs = plan(spans, threads, whole_groups);
+  if (!spread || threads < 2 || total < threads * kMinRows) return plan(spans, 1, false, cut);
+  auto runs = plan(spans, threads, whole_groups, cut);
   if (whole_groups) {
     for (const auto& run : runs) {
       int64_t rows = 0;
       for (const Piece& p : run) rows += p.end - p.start;
-      if (rows * threads * 5 > total * 6) return plan(spans, 1, false);
+      if (rows * threads * 5 > total * 6) return plan(spans, 1, false, cut);
     }
   }
   return runs;
@@ -134,12 +146,13 @@ void for_runs(const std::vector<std::vector<Piece>>& runs, F&& f) {
 // afterwards. Only without such rows does the tail run padded to one block on the side (a
 // separate product, which costs about as much again as packing the weight).
 void rows_product(const at::Tensor& a, const at::Tensor& bg, at::Tensor& out, int64_t s,
-                  int64_t e, int64_t floor, int64_t limit) {
-  for (; e - s >= kChunk; s += kChunk) {
-    auto dst = out.narrow(0, s, kChunk);
-    at::mm_out(dst, a.narrow(0, s, kChunk), bg);
+                  int64_t e, int64_t floor, int64_t limit, Cut cut_rows) {
+  const int64_t block = cut_rows.block;
+  for (; e - s >= cut_rows.chunk; s += cut_rows.chunk) {
+    auto dst = out.narrow(0, s, cut_rows.chunk);
+    at::mm_out(dst, a.narrow(0, s, cut_rows.chunk), bg);
   }
-  const int64_t rows = (e - s + kBlock - 1) / kBlock * kBlock;
+  const int64_t rows = (e - s + block - 1) / block * block;
   if (rows == 0) return;
   if (s + rows <= limit) {
     auto dst = out.narrow(0, s, rows);
@@ -154,13 +167,13 @@ void rows_product(const at::Tensor& a, const at::Tensor& bg, at::Tensor& out, in
     out.narrow(0, back, s - back).copy_(kept);
     return;
   }
-  const int64_t cut = s + (e - s) / kBlock * kBlock;
+  const int64_t cut = s + (e - s) / block * block;
   if (cut > s) {
     auto dst = out.narrow(0, s, cut - s);
     at::mm_out(dst, a.narrow(0, s, cut - s), bg);
   }
   if (e > cut) {
-    auto padded = at::zeros({kBlock, a.size(1)}, a.options());
+    auto padded = at::zeros({block, a.size(1)}, a.options());
     padded.narrow(0, 0, e - cut).copy_(a.narrow(0, cut, e - cut));
     out.narrow(0, cut, e - cut).copy_(at::mm(padded, bg).narrow(0, 0, e - cut));
   }
@@ -175,7 +188,8 @@ void rows_product(const at::Tensor& a, const at::Tensor& bg, at::Tensor& out, in
 // zero rows opposite make them count for nothing; only rows of [begin, done), the groups' rows,
 // are read, and a non-finite value there would reach this sum, in a step non-finite anyway).
 void inner_product(const at::Tensor& a, const at::Tensor& b, at::Tensor outg, int64_t s,
-                   int64_t e, bool first, int64_t begin, int64_t done) {
+                   int64_t e, bool first, int64_t begin, int64_t done, Cut cut_rows) {
+  const int64_t block = cut_rows.block, chunk = cut_rows.chunk;
   auto add = [&](const at::Tensor& x, const at::Tensor& y) {
     if (first) {
       at::mm_out(outg, x, y);
@@ -184,12 +198,12 @@ void inner_product(const at::Tensor& a, const at::Tensor& b, at::Tensor outg, in
     }
     first = false;
   };
-  for (; e - s >= kChunk; s += kChunk) add(a.narrow(0, s, kChunk).t(), b.narrow(0, s, kChunk));
-  const int64_t n = e - s, rows = (n + kBlock - 1) / kBlock * kBlock;
+  for (; e - s >= chunk; s += chunk) add(a.narrow(0, s, chunk).t(), b.narrow(0, s, chunk));
+  const int64_t n = e - s, rows = (n + block - 1) / block * block;
   const bool pad_a = a.size(1) <= b.size(1);
   const int64_t narrow = pad_a ? a.size(1) : b.size(1);
   const int64_t lo = s + rows <= done ? s : e - rows;  // the whole blocks read in place
-  if (n % kBlock != 0 && lo >= begin && n * narrow < 2 * a.size(1) * b.size(1)) {
+  if (n % block != 0 && lo >= begin && n * narrow < 2 * a.size(1) * b.size(1)) {
     const at::Tensor& src = pad_a ? a : b;
     auto padded = at::empty({rows, narrow}, src.options());
     const int64_t offset = s - lo;  // where the rows go: zeros before and after
@@ -203,11 +217,11 @@ void inner_product(const at::Tensor& a, const at::Tensor& b, at::Tensor outg, in
     }
     return;
   }
-  const int64_t cut = s + n / kBlock * kBlock;
+  const int64_t cut = s + n / block * block;
   if (cut > s) add(a.narrow(0, s, cut - s).t(), b.narrow(0, s, cut - s));
   if (e > cut) {
-    auto pa = at::zeros({kBlock, a.size(1)}, a.options());
-    auto pb = at::zeros({kBlock, b.size(1)}, b.options());
+    auto pa = at::zeros({block, a.size(1)}, a.options());
+    auto pb = at::zeros({block, b.size(1)}, b.options());
     pa.narrow(0, 0, e - cut).copy_(a.narrow(0, cut, e - cut));
     pb.narrow(0, 0, e - cut).copy_(b.narrow(0, cut, e - cut));
     add(pa.t(), pb);
@@ -216,7 +230,8 @@ void inner_product(const at::Tensor& a, const at::Tensor& b, at::Tensor outg, in
 }
 
 at::Tensor group_rows_mm_cpu(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef ends,
-                             bool spread) {
+                             bool spread, int64_t block) {
+  TORCH_CHECK(block >= 1, "block must be at least 1, got ", block);
   TORCH_CHECK(a.dim() == 2 && a.is_contiguous(), "a must be a contiguous (N, K) tensor");
   TORCH_CHECK(b.dim() == 3 && b.size(0) == static_cast<int64_t>(ends.size()) &&
                   b.size(1) == a.size(1) && b.scalar_type() == a.scalar_type(),
@@ -225,21 +240,23 @@ at::Tensor group_rows_mm_cpu(const at::Tensor& a, const at::Tensor& b, at::IntAr
   const auto spans = spans_of(ends, N);
   auto out = at::empty({N, b.size(2)}, a.options());
   const int64_t done = spans.empty() ? 0 : spans.back().end;
-  const auto runs = plan_for(spans, spread, false);
+  const Cut cut(block);
+  const auto runs = plan_for(spans, spread, false, cut);
   for_runs(runs, [&](int64_t r, const std::vector<Piece>& run) {
     if (run.empty()) return;
     // a block may spill into the rows of the run's later pieces, and the last run's past the
     // last group's rows: never into another thread's
     const int64_t limit = r + 1 == static_cast<int64_t>(runs.size()) ? N : run.back().end;
     const int64_t floor = run.front().start;  // rows below belong to other threads
-    for (const Piece& p : run) rows_product(a, b[p.group], out, p.start, p.end, floor, limit);
+    for (const Piece& p : run) rows_product(a, b[p.group], out, p.start, p.end, floor, limit, cut);
   });
   if (done < N) out.narrow(0, done, N - done).zero_();  // after any spill into them
   return out;
 }
 
 at::Tensor group_inner_mm_cpu(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef ends,
-                              bool spread) {
+                              bool spread, int64_t block) {
+  TORCH_CHECK(block >= 1, "block must be at least 1, got ", block);
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(0) == b.size(0) && a.is_contiguous() &&
                   b.is_contiguous() && a.scalar_type() == b.scalar_type(),
               "a and b must be contiguous (N, Ka) and (N, Kb) tensors of one dtype");
@@ -248,14 +265,15 @@ at::Tensor group_inner_mm_cpu(const at::Tensor& a, const at::Tensor& b, at::IntA
   auto out = at::empty({G, a.size(1), b.size(1)}, a.options());
   // whole groups per thread, where that balances: a group cut between threads would need a
   // partial sum per thread, which costs more than it gains
-  const auto runs = plan_for(spans, spread, true);
+  const Cut cut(block);
+  const auto runs = plan_for(spans, spread, true, cut);
   const int64_t begin = G ? spans.front().start : 0, done = G ? spans.back().end : 0;
   std::vector<char> written(G, 0);
   for_runs(runs, [&](int64_t, const std::vector<Piece>& run) {
     for (size_t i = 0; i < run.size(); ++i) {
       const Piece& p = run[i];
       const bool first = i == 0 || run[i - 1].group != p.group;
-      inner_product(a, b, out[p.group], p.start, p.end, first, begin, done);
+      inner_product(a, b, out[p.group], p.start, p.end, first, begin, done, cut);
       written[p.group] = 1;  // each group belongs to one run
     }
   });
@@ -268,8 +286,8 @@ at::Tensor group_inner_mm_cpu(const at::Tensor& a, const at::Tensor& b, at::IntA
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(moe_ops, m) {
-  m.def("group_rows_mm(Tensor a, Tensor b, int[] ends, bool spread) -> Tensor");
-  m.def("group_inner_mm(Tensor a, Tensor b, int[] ends, bool spread) -> Tensor");
+  m.def("group_rows_mm(Tensor a, Tensor b, int[] ends, bool spread, int block=64) -> Tensor");
+  m.def("group_inner_mm(Tensor a, Tensor b, int[] ends, bool spread, int block=64) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moe_ops, CPU, m) {

@@ -1,4 +1,5 @@
-"""Grouped GEMM for bfloat16 / float16 on CPU, cut so that oneDNN sees few distinct shapes.
+"""Grouped GEMM on CPU: for bfloat16 / float16 cut so that oneDNN sees few distinct shapes, and
+shared out among the threads (compiled kernels) in every dtype.
 
 On CPU, half-precision matmuls run through oneDNN, which compiles (JITs) a kernel for every new
 shape it meets: 2-8 ms, against 0.5 ms for the (1024, 512) x (512, 1024) product itself. Expert
@@ -15,7 +16,9 @@ The rounding costs at most 63 rows of FLOPs per group; the readable definition i
 `moe.grouping.grouped_linear_reference`. With the compiled kernels (csrc/group_gemm_cpu.cpp) the
 same blocks run with the groups shared out among the threads, one product per thread, which
 mid-sized half-precision products need to use both cores fully; the loops below are their
-readable twin and the fallback.
+readable twin and the fallback. In float32 / float64 the same kernels run exact rows (`block=1`:
+BLAS compiles nothing per shape); sharing groups out among the threads beats torch's grouped_mm,
+which runs them in turn with both threads on each small product (see README, Benchmarks).
 """
 
 from __future__ import annotations
@@ -73,10 +76,16 @@ def rows_inner(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, s: int, e: i
         out.addmm_(_padded(a[cut:e]).t(), _padded(b[cut:e]))
 
 
+def block_rows(dtype: torch.dtype) -> int:
+    """Rows per block of the compiled kernels: BLOCK in half precision, else 1 (exact rows)."""
+    return BLOCK if dtype in (torch.bfloat16, torch.float16) else 1
+
+
 def group_rows(a: torch.Tensor, b: torch.Tensor, spans) -> torch.Tensor:
     """(N, M): rows of group g = a[rows of g] @ b[g]; rows past the last group are zero."""
     if _compiled:  # the same blocks, the groups shared out among the threads
-        return torch.ops.moe_ops.group_rows_mm(a, b, [e for _, e in spans], True)
+        return torch.ops.moe_ops.group_rows_mm(a, b, [e for _, e in spans], True,
+                                               block_rows(a.dtype))
     out = a.new_empty(a.shape[0], b.shape[2])
     for g, (s, e) in enumerate(spans):
         rows_times(a, b[g], out, s, e)
@@ -87,7 +96,8 @@ def group_rows(a: torch.Tensor, b: torch.Tensor, spans) -> torch.Tensor:
 def group_inner(a: torch.Tensor, b: torch.Tensor, spans) -> torch.Tensor:
     """(G, Da, Db): group g = a[rows of g]^T @ b[rows of g]."""
     if _compiled:
-        return torch.ops.moe_ops.group_inner_mm(a, b, [e for _, e in spans], True)
+        return torch.ops.moe_ops.group_inner_mm(a, b, [e for _, e in spans], True,
+                                                block_rows(a.dtype))
     out = a.new_empty(len(spans), a.shape[1], b.shape[1])
     for g, (s, e) in enumerate(spans):
         rows_inner(a, b, out[g], s, e)
@@ -117,8 +127,13 @@ class SplitGroupedMM(torch.autograd.Function):
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
-            and weight.dtype == x.dtype)
+    """Half precision on CPU always (the loops below without the compiled kernels); float32 /
+    float64 on CPU with the compiled kernels (else torch's grouped_mm or the reference loop)."""
+    if x.device.type != "cpu" or weight.dtype != x.dtype:
+        return False
+    if x.dtype in (torch.bfloat16, torch.float16):
+        return True
+    return _compiled and x.dtype in (torch.float32, torch.float64)
 
 
 def split_grouped_linear(x: torch.Tensor, weight: torch.Tensor,

@@ -207,9 +207,20 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
 
 
 def _register_grouped_mm_flops() -> None:
-    """Teach `torch.utils.flop_counter` the cost of grouped_mm (2 x the multiply-adds of its
-    groups), so FlopCounterMode counts MoT/MoE layers like dense ones."""
+    """Teach `torch.utils.flop_counter` the cost of grouped_mm and of our CPU grouped kernels
+    (2 x the multiply-adds of their groups), so FlopCounterMode counts MoT/MoE layers like
+    dense ones."""
     from torch.utils import flop_counter
+
+    # the CPU kernels of moe.cpu_gemm count the groups' rows only
+    if cpu_gemm._compiled and torch.ops.moe_ops.group_rows_mm not in flop_counter.flop_registry:
+        @flop_counter.register_flop_formula(torch.ops.moe_ops.group_rows_mm)
+        def _rows_flops(a_shape, b_shape, ends, *args, **kwargs) -> int:
+            return 2 * (ends[-1] if ends else 0) * a_shape[1] * b_shape[2]
+
+        @flop_counter.register_flop_formula(torch.ops.moe_ops.group_inner_mm)
+        def _inner_flops(a_shape, b_shape, ends, *args, **kwargs) -> int:
+            return 2 * (ends[-1] if ends else 0) * a_shape[1] * b_shape[1]
 
     op = getattr(torch.ops.aten, "_grouped_mm", None)
     if op is None or op in flop_counter.flop_registry:

@@ -113,7 +113,8 @@ class MoE(nn.Module):
             priority = priority_order(expert, weight, cfg.drop_policy)
         padded = cfg.implementation == "padded" and self.dispatcher is None
         # half precision on CPU: few distinct shapes for oneDNN, as in moe.cpu_gemm
-        multiple = cpu_gemm.BLOCK if padded and cpu_gemm.applies(rows, self.experts.w1) else 8
+        multiple = cpu_gemm.BLOCK if padded and rows.device.type == "cpu" and \
+            cpu_gemm.block_rows(rows.dtype) > 1 else 8
         dispatch = TopKDispatch(expert, cfg.num_experts, capacity, priority, padded, multiple)
         routed = dispatch.counts if capacity is None else None  # dropless: kept = routed
         if self.dispatcher is not None:  # expert parallel: kept slots go to their experts' ranks

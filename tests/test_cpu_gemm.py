@@ -1,4 +1,5 @@
-"""The half-precision CPU grouped GEMM (whole 64-row blocks) against the per-group loop."""
+"""The CPU grouped GEMM (whole 64-row blocks in half precision, exact rows otherwise) against the
+per-group loop."""
 
 import pytest
 import torch
@@ -66,23 +67,34 @@ def test_rows_past_the_last_group_are_zero_both_ways(sizes):
 
 
 @needs_kernels
+@pytest.mark.parametrize("block", [BLOCK, 1], ids=["blocks", "exact"])
 @pytest.mark.parametrize("spread", [True, False])
-@pytest.mark.parametrize("sizes", SIZES)
-def test_group_kernels_equal_the_loop_shared_out_or_not(sizes, spread):
-    # spread=True shares balanced groups out among the threads, unbalanced ones run in turn
+@pytest.mark.parametrize("sizes", SIZES + [[2100, 5]])  # + a group over one 2048-row chunk
+def test_group_kernels_equal_the_loop_shared_out_or_not(sizes, spread, block):
+    # spread=True shares balanced groups out among the threads, unbalanced ones run in turn;
+    # block 64 is what half precision runs, block 1 (exact rows) what float32 runs
     x, w, offsets = case(sizes, torch.float64, extra_rows=5)
     ends = offsets.tolist()
     m = torch.ops.moe_ops
     ref = grouped_linear_reference(x, w, offsets)
     ref = torch.cat([ref, ref.new_zeros(5, ref.shape[1])])  # rows past the groups: zero
-    torch.testing.assert_close(m.group_rows_mm(x.detach(), w.detach(), ends, spread), ref,
+    torch.testing.assert_close(m.group_rows_mm(x.detach(), w.detach(), ends, spread, block), ref,
                                rtol=1e-12, atol=1e-12)
     g = torch.randn_like(ref)
     rx, rw = torch.autograd.grad(ref, (x, w), g)
-    torch.testing.assert_close(m.group_rows_mm(g, w.detach().transpose(1, 2), ends, spread), rx,
+    torch.testing.assert_close(m.group_rows_mm(g, w.detach().transpose(1, 2), ends, spread,
+                                               block), rx, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(m.group_inner_mm(x.detach(), g, ends, spread, block), rw,
                                rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(m.group_inner_mm(x.detach(), g, ends, spread), rw,
-                               rtol=1e-12, atol=1e-12)
+
+
+@needs_kernels
+def test_group_kernels_reject_a_block_below_one():
+    x, w, offsets = case([3, 4], torch.float32)
+    with pytest.raises(RuntimeError, match="block must be at least 1"):
+        torch.ops.moe_ops.group_rows_mm(x.detach(), w.detach(), offsets.tolist(), True, 0)
+    with pytest.raises(RuntimeError, match="block must be at least 1"):
+        torch.ops.moe_ops.group_inner_mm(x.detach(), x.detach(), offsets.tolist(), True, 0)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -102,11 +114,31 @@ def test_half_precision_grouped_linear_matches_a_float32_reference(sizes, dtype)
     torch.testing.assert_close(gw.float(), rw, **tol)
 
 
-def test_only_half_precision_on_cpu_takes_the_blocked_path():
+@pytest.mark.parametrize("compiled", [True, False], ids=["kernels", "python"])
+def test_which_products_take_the_split_path(compiled, monkeypatch):
+    # half precision always (blocks); float32 / float64 only with the compiled kernels (exact
+    # rows shared out among the threads), else torch's grouped_mm or the loop
+    monkeypatch.setattr(cpu_gemm, "_compiled", compiled)
     x, w, _ = case([3], torch.float32)
-    assert not applies(x, w)
+    assert applies(x, w) == compiled
+    assert applies(x.double(), w.double()) == compiled
     assert applies(x.bfloat16(), w.bfloat16())
     assert not applies(x.bfloat16(), w)  # mixed dtypes go to the general path
+    assert cpu_gemm.block_rows(torch.bfloat16) == BLOCK and cpu_gemm.block_rows(torch.float32) == 1
+
+
+@needs_kernels
+@pytest.mark.parametrize("sizes", [SIZES[3], SIZES[8]])
+def test_float32_grouped_linear_equals_the_per_group_loop(sizes):
+    x, w, offsets = case(sizes, torch.float32, d_in=64, d_out=96)
+    assert applies(x, w)
+    y = grouped_linear(x, w, offsets)
+    ref = grouped_linear_reference(x, w, offsets)
+    grad = torch.randn_like(ref)
+    got, want = torch.autograd.grad(y, (x, w), grad), torch.autograd.grad(ref, (x, w), grad)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 @needs_kernels
