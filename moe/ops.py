@@ -131,6 +131,15 @@ if AVAILABLE:
     def _(grad, y, order, inverse, weights, k, kept):
         return torch.empty_like(y), grad.new_empty(inverse.shape[0], dtype=torch.float32)
 
+    # the grouped products of moe.cpu_gemm (CPU only; their autograd is cpu_gemm.SplitGroupedMM)
+    @torch.library.register_fake("moe_ops::group_rows_mm")
+    def _(a, b, ends, spread, block=64):
+        return a.new_empty(a.shape[0], b.shape[2])
+
+    @torch.library.register_fake("moe_ops::group_inner_mm")
+    def _(a, b, ends, spread, block=64):
+        return a.new_empty(len(ends), a.shape[1], b.shape[1])
+
     def _save(ctx, inputs, output):
         source, order, inverse, weights, k, kept = inputs
         ctx.save_for_backward(source, order, inverse, weights)
