@@ -5,8 +5,17 @@
 //          expert (N, k) int64     the k highest of scores + bias, highest first
 //          weight (N, k) float32   the unbiased scores of those experts, renormalised to sum 1
 //                                  (the sum clamped at 1e-20) when `renormalize`
-//   router_topk_backward(grad_scores?, grad_weight?, scores, expert, renormalize, sigmoid)
-//       -> grad_logits (N, E) float32
+//          lse (N,) float32        logsumexp of each token's logits (the z-loss's term)
+//          prob_sum (E,) float32   the sum over tokens of the routing probabilities: the scores
+//                                  (softmax), or each row of scores over its sum clamped at
+//                                  1e-20 (sigmoid); the balancing loss's P times N
+//          entropy () float32      the sum over tokens of those probabilities' entropy
+//   router_topk_backward(grad_scores?, grad_weight?, grad_lse?, grad_prob_sum?, scores, expert,
+//                        renormalize, sigmoid)
+//       -> grad_logits (N, E) float32 (grad_lse only with softmax scores: d lse = the scores)
+//
+// The sums run over fixed blocks of rows added in block order, so they do not depend on the
+// thread count (runs resume bit for bit).
 //
 // With E of 8-64 experts, torch's softmax and topk over (N, E) cost 100-200 us each on two
 // cores, several times the work; here one loop over the tokens does all of it. The reference is
@@ -19,6 +28,7 @@
 #include <algorithm>
 #include <cmath>
 #include <optional>
+#include <vector>
 
 namespace moe_ops {
 namespace {
@@ -41,26 +51,49 @@ inline void top_k(const float* select, int64_t E, int64_t k, int64_t* out) {
   }
 }
 
+constexpr int64_t kRowBlock = 512;  // rows per block of the sums
+
+// entr(p) = -p log p, 0 at p = 0 (torch.special.entr)
+inline float entr(float p) { return p > 0.f ? -p * std::log(p) : (p == 0.f ? 0.f : -INFINITY); }
+
+// Rows [r0, r1): scores, choices, weights and lse; adds the rows' probabilities into prob_sum
+// (E) and their entropy into *entropy.
 template <typename T>
 void router_rows(const T* logits, const float* bias, float* scores, int64_t* expert,
-                 float* weight, int64_t r0, int64_t r1, int64_t E, int64_t k, bool renormalize,
-                 bool sigmoid) {
+                 float* weight, float* lse, float* prob_sum, float* entropy, int64_t r0,
+                 int64_t r1, int64_t E, int64_t k, bool renormalize, bool sigmoid) {
   std::vector<float> select(bias == nullptr ? 0 : E);
   for (int64_t r = r0; r < r1; ++r) {
     const T* l = logits + r * E;
     float* s = scores + r * E;
+    float m = -INFINITY;
+    for (int64_t e = 0; e < E; ++e) m = std::max(m, static_cast<float>(l[e]));
     if (sigmoid) {
-      for (int64_t e = 0; e < E; ++e) s[e] = 1.f / (1.f + std::exp(-static_cast<float>(l[e])));
+      float sum = 0.f, total = 0.f;
+      for (int64_t e = 0; e < E; ++e) {
+        s[e] = 1.f / (1.f + std::exp(-static_cast<float>(l[e])));
+        sum += std::exp(static_cast<float>(l[e]) - m);
+        total += s[e];
+      }
+      lse[r] = m + std::log(sum);
+      const float inv = 1.f / std::max(total, kMinSum);
+      for (int64_t e = 0; e < E; ++e) {
+        prob_sum[e] += s[e] * inv;
+        *entropy += entr(s[e] * inv);
+      }
     } else {
-      float m = -INFINITY;
-      for (int64_t e = 0; e < E; ++e) m = std::max(m, static_cast<float>(l[e]));
       float sum = 0.f;
       for (int64_t e = 0; e < E; ++e) {
         s[e] = std::exp(static_cast<float>(l[e]) - m);
         sum += s[e];
       }
+      lse[r] = m + std::log(sum);
       const float inv = 1.f / sum;
-      for (int64_t e = 0; e < E; ++e) s[e] *= inv;
+      for (int64_t e = 0; e < E; ++e) {
+        s[e] *= inv;
+        prob_sum[e] += s[e];
+        *entropy += entr(s[e]);
+      }
     }
     const float* sel = s;
     if (bias != nullptr) {
@@ -82,7 +115,8 @@ void router_rows(const T* logits, const float* bias, float* scores, int64_t* exp
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> router_topk_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+router_topk_cpu(
     const at::Tensor& logits, const std::optional<at::Tensor>& bias, int64_t k, bool renormalize,
     bool sigmoid) {
   TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous(), "logits must be a contiguous (N, E) "
@@ -99,21 +133,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> router_topk_cpu(
   auto scores = at::empty({N, E}, opts.dtype(at::kFloat));
   auto expert = at::empty({N, k}, opts.dtype(at::kLong));
   auto weight = at::empty({N, k}, opts.dtype(at::kFloat));
+  auto lse = at::empty({N}, opts.dtype(at::kFloat));
+  const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
+  std::vector<float> block_probs(blocks * E, 0.f), block_entropy(blocks, 0.f);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "router_topk",
                                   [&] {
     const scalar_t* lp = logits.data_ptr<scalar_t>();
     float* sp = scores.data_ptr<float>();
     int64_t* ep = expert.data_ptr<int64_t>();
     float* wp = weight.data_ptr<float>();
-    at::parallel_for(0, N, 512, [&](int64_t r0, int64_t r1) {
-      router_rows<scalar_t>(lp, b, sp, ep, wp, r0, r1, E, k, renormalize, sigmoid);
+    float* lsep = lse.data_ptr<float>();
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        router_rows<scalar_t>(lp, b, sp, ep, wp, lsep, block_probs.data() + blk * E,
+                              block_entropy.data() + blk, blk * kRowBlock,
+                              std::min(N, (blk + 1) * kRowBlock), E, k, renormalize, sigmoid);
+      }
     });
   });
-  return {scores, expert, weight};
+  auto prob_sum = at::zeros({E}, opts.dtype(at::kFloat));
+  auto entropy = at::zeros({}, opts.dtype(at::kFloat));
+  float* pp = prob_sum.data_ptr<float>();
+  float* hp = entropy.data_ptr<float>();
+  for (int64_t blk = 0; blk < blocks; ++blk) {  // in block order: the same sums on any threads
+    for (int64_t e = 0; e < E; ++e) pp[e] += block_probs[blk * E + e];
+    *hp += block_entropy[blk];
+  }
+  return {scores, expert, weight, lse, prob_sum, entropy};
+}
+
+// A float32 gradient of the given shape, or nullptr when absent.
+const float* grad_or_null(const std::optional<at::Tensor>& grad, at::IntArrayRef sizes,
+                          const char* name) {
+  if (!grad.has_value()) return nullptr;
+  TORCH_CHECK(grad->sizes() == sizes && grad->is_contiguous() &&
+                  grad->scalar_type() == at::kFloat,
+              name, " must be a contiguous float32 tensor of shape ", sizes, ", got ",
+              grad->sizes());
+  return grad->data_ptr<float>();
 }
 
 at::Tensor router_topk_backward_cpu(const std::optional<at::Tensor>& grad_scores,
                                     const std::optional<at::Tensor>& grad_weight,
+                                    const std::optional<at::Tensor>& grad_lse,
+                                    const std::optional<at::Tensor>& grad_prob_sum,
                                     const at::Tensor& scores, const at::Tensor& expert,
                                     bool renormalize, bool sigmoid) {
   TORCH_CHECK(scores.dim() == 2 && scores.is_contiguous() && scores.scalar_type() == at::kFloat,
@@ -122,20 +185,11 @@ at::Tensor router_topk_backward_cpu(const std::optional<at::Tensor>& grad_scores
   TORCH_CHECK(expert.dim() == 2 && expert.size(0) == N && expert.is_contiguous() &&
                   expert.scalar_type() == at::kLong,
               "expert must be the forward's contiguous int64 (N, k) choices");
-  const float* gs = nullptr;
-  const float* gw = nullptr;
-  if (grad_scores.has_value()) {
-    TORCH_CHECK(grad_scores->sizes() == scores.sizes() && grad_scores->is_contiguous() &&
-                    grad_scores->scalar_type() == at::kFloat,
-                "grad_scores must be contiguous float32 like scores");
-    gs = grad_scores->data_ptr<float>();
-  }
-  if (grad_weight.has_value()) {
-    TORCH_CHECK(grad_weight->sizes() == expert.sizes() && grad_weight->is_contiguous() &&
-                    grad_weight->scalar_type() == at::kFloat,
-                "grad_weight must be contiguous float32 like the weights");
-    gw = grad_weight->data_ptr<float>();
-  }
+  const float* gs = grad_or_null(grad_scores, scores.sizes(), "grad_scores");
+  const float* gw = grad_or_null(grad_weight, expert.sizes(), "grad_weight");
+  const float* gl = grad_or_null(grad_lse, {N}, "grad_lse");
+  const float* gp_sum = grad_or_null(grad_prob_sum, {E}, "grad_prob_sum");
+  TORCH_CHECK(gl == nullptr || !sigmoid, "grad_lse is computed here for softmax scores only");
   auto grad = at::empty({N, E}, scores.options());
   const float* sp = scores.data_ptr<float>();
   const int64_t* ep = expert.data_ptr<int64_t>();
@@ -146,6 +200,18 @@ at::Tensor router_topk_backward_cpu(const std::optional<at::Tensor>& grad_scores
       const float* s = sp + r * E;
       const int64_t* ex = ep + r * k;
       for (int64_t e = 0; e < E; ++e) g[e] = gs == nullptr ? 0.f : gs[r * E + e];
+      if (gp_sum != nullptr && !sigmoid) {  // prob_sum = sum of the scores
+        for (int64_t e = 0; e < E; ++e) g[e] += gp_sum[e];
+      } else if (gp_sum != nullptr) {  // prob_sum = sum of s / max(sum(s), 1e-20)
+        float total = 0.f, dot = 0.f;
+        for (int64_t e = 0; e < E; ++e) {
+          total += s[e];
+          dot += gp_sum[e] * s[e];
+        }
+        const float denom = std::max(total, kMinSum);
+        const float shift = total >= kMinSum ? dot / (denom * denom) : 0.f;
+        for (int64_t e = 0; e < E; ++e) g[e] += gp_sum[e] / denom - shift;
+      }
       if (gw != nullptr) {
         const float* gwr = gw + r * k;
         float total = 0.f;
@@ -165,7 +231,8 @@ at::Tensor router_topk_backward_cpu(const std::optional<at::Tensor>& grad_scores
       if (sigmoid) {
         for (int64_t e = 0; e < E; ++e) out[e] = g[e] * s[e] * (1.f - s[e]);
       } else {
-        float dot = 0.f;
+        // d lse / d logits = the softmax scores: grad_lse joins the shift
+        float dot = gl == nullptr ? 0.f : -gl[r];
         for (int64_t e = 0; e < E; ++e) dot += g[e] * s[e];
         for (int64_t e = 0; e < E; ++e) out[e] = s[e] * (g[e] - dot);
       }
@@ -178,9 +245,10 @@ at::Tensor router_topk_backward_cpu(const std::optional<at::Tensor>& grad_scores
 
 TORCH_LIBRARY_FRAGMENT(moe_ops, m) {
   m.def("router_topk(Tensor logits, Tensor? bias, int k, bool renormalize, bool sigmoid)"
-        " -> (Tensor, Tensor, Tensor)");
-  m.def("router_topk_backward(Tensor? grad_scores, Tensor? grad_weight, Tensor scores,"
-        " Tensor expert, bool renormalize, bool sigmoid) -> Tensor");
+        " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("router_topk_backward(Tensor? grad_scores, Tensor? grad_weight, Tensor? grad_lse,"
+        " Tensor? grad_prob_sum, Tensor scores, Tensor expert, bool renormalize, bool sigmoid)"
+        " -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moe_ops, CPU, m) {

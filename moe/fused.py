@@ -103,27 +103,34 @@ if AVAILABLE:
 
     @torch.library.register_fake("moe_ops::router_topk")
     def _(logits, bias, k, renormalize, sigmoid):
-        N = logits.shape[0]
-        return (logits.new_empty(logits.shape, dtype=torch.float32),
-                logits.new_empty(N, k, dtype=torch.long),
-                logits.new_empty(N, k, dtype=torch.float32))
+        N, E = logits.shape
+        f32 = dict(dtype=torch.float32)
+        return (logits.new_empty(N, E, **f32), logits.new_empty(N, k, dtype=torch.long),
+                logits.new_empty(N, k, **f32), logits.new_empty(N, **f32),
+                logits.new_empty(E, **f32), logits.new_empty((), **f32))
 
     @torch.library.register_fake("moe_ops::router_topk_backward")
-    def _(grad_scores, grad_weight, scores, expert, renormalize, sigmoid):
+    def _(grad_scores, grad_weight, grad_lse, grad_prob_sum, scores, expert, renormalize,
+          sigmoid):
         return torch.empty_like(scores)
 
     def _router_save(ctx, inputs, output):
         logits, _, _, renormalize, sigmoid = inputs
-        scores, expert, _ = output
-        ctx.save_for_backward(scores, expert)
+        scores, expert = output[:2]
+        # sigmoid scores do not give d lse / d logits (the softmax): keep the logits for it
+        ctx.save_for_backward(scores, expert, logits if sigmoid else None)
+        ctx.mark_non_differentiable(output[5])  # the entropy: a statistic
         ctx.renormalize, ctx.sigmoid, ctx.dtype = renormalize, sigmoid, logits.dtype
 
-    def _router_backward(ctx, grad_scores, _grad_expert, grad_weight):
-        scores, expert = ctx.saved_tensors
+    def _router_backward(ctx, grad_scores, _grad_expert, grad_weight, grad_lse, grad_prob_sum,
+                         _grad_entropy):
+        scores, expert, logits = ctx.saved_tensors
+        f32 = lambda g: None if g is None else g.float().contiguous()  # noqa: E731
         grad = ops.router_topk_backward(
-            None if grad_scores is None else grad_scores.float().contiguous(),
-            None if grad_weight is None else grad_weight.float().contiguous(),
-            scores, expert, ctx.renormalize, ctx.sigmoid)
+            f32(grad_scores), f32(grad_weight), None if ctx.sigmoid else f32(grad_lse),
+            f32(grad_prob_sum), scores, expert, ctx.renormalize, ctx.sigmoid)
+        if ctx.sigmoid and grad_lse is not None:
+            grad = grad + grad_lse.float()[:, None] * torch.softmax(logits.float(), dim=-1)
         return grad.to(ctx.dtype), None, None, None, None
 
     torch.library.register_autograd("moe_ops::router_topk", _router_backward,
@@ -177,9 +184,11 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 def router_topk(logits: torch.Tensor, k: int, renormalize: bool, sigmoid: bool,
                 bias: torch.Tensor | None = None):
-    """logits (N, E) -> scores (N, E) float32, expert (N, k) int64, weight (N, k) float32: the
-    compiled one-pass router, or None where it does not run (then the caller composes
-    `moe.routing.router_scores` and `topk_route`, its reference)."""
+    """logits (N, E) -> scores (N, E) float32, expert (N, k) int64, weight (N, k) float32, and
+    for the losses and statistics lse (N,) (logsumexp of the logits), prob_sum (E,) (the routing
+    probabilities summed over tokens) and entropy () (theirs, summed), all float32: the compiled
+    one-pass router, or None where it does not run (then the caller composes
+    `moe.routing.router_scores` and `topk_route`, and `moe.losses`, its reference)."""
     if not (AVAILABLE and logits.device.type == "cpu" and logits.dim() == 2
             and logits.dtype in KERNEL_DTYPES and logits.shape[0] > 0
             and (bias is None or bias.dtype == torch.float32 and bias.device.type == "cpu")):

@@ -63,6 +63,19 @@ def sequence_load_balance_loss(scores: torch.Tensor, expert: torch.Tensor, seque
     return (E * (f * P).sum(dim=-1)).mean()
 
 
+def load_balance_loss_from_sums(prob_sum: torch.Tensor, counts: torch.Tensor,
+                                num_tokens: int, k: int) -> torch.Tensor:
+    """`load_balance_loss` from the router's sums: prob_sum (E,) the routing probabilities summed
+    over the N tokens (P * N), counts (E,) the choices per expert (k per token)."""
+    E = prob_sum.shape[0]
+    return torch.dot(counts.to(prob_sum.dtype), prob_sum) * (E / (num_tokens * num_tokens * k))
+
+
+def router_z_loss_from_lse(lse: torch.Tensor) -> torch.Tensor:
+    """`router_z_loss` from lse (N,), the logsumexp of each token's logits."""
+    return lse.square().mean()
+
+
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     if logits.shape[0] == 0:
         return logits.float().sum() * 0

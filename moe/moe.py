@@ -21,7 +21,14 @@ from moe.config import MoEConfig
 from moe.dispatch import TopKDispatch, priority_order
 from moe.grouping import Grouping, row_ids
 from moe.layers import GroupedSwiGLU, SwiGLU
-from moe.losses import attach_aux_loss, load_balance_loss, router_z_loss, sequence_load_balance_loss
+from moe.losses import (
+    attach_aux_loss,
+    load_balance_loss,
+    load_balance_loss_from_sums,
+    router_z_loss,
+    router_z_loss_from_lse,
+    sequence_load_balance_loss,
+)
 from moe.routing import expert_choice_route, route_topk, router_scores
 from moe.stats import RoutingStats
 
@@ -72,12 +79,13 @@ class MoE(nn.Module):
         routed = None  # (E,) routing choices per expert, before capacity, where known
         if cfg.router == "topk":
             bias = self.expert_bias if cfg.bias_balancing else None
-            scores, expert, weight = route_topk(logits, cfg.score, cfg.top_k, cfg.renormalize,
-                                                bias, allowed)  # (N, E), (N, k), (N, k)
+            scores, expert, weight, sums = route_topk(  # (N, E), (N, k), (N, k)
+                logits, cfg.score, cfg.top_k, cfg.renormalize, bias, allowed)
             y, dropped, routed = self.token_choice(rows, expert, weight)
         else:
             scores = router_scores(logits, cfg.score, allowed)  # (N, E) float32
             y, expert, dropped = self.expert_choice(rows, scores)
+            sums = None
         if routed is None:
             routed = torch.bincount(expert.reshape(-1), minlength=cfg.num_experts)
         if self.shared is not None:
@@ -85,10 +93,10 @@ class MoE(nn.Module):
             if self.shared_gate is not None:
                 shared = torch.sigmoid(self.shared_gate(rows)) * shared
             y = y + shared
-        aux, parts = self.aux_losses(logits, scores, expert, x, modality, routed)
+        aux, parts = self.aux_losses(logits, scores, expert, x, modality, routed, sums)
         if aux is not None:
             y = attach_aux_loss(y, aux, self.aux_loss_scale)
-        self.record(scores, expert, routed, dropped, ids, parts)
+        self.record(scores, expert, routed, dropped, ids, parts, sums)
         return y.view_as(x)
 
     def allowed_experts(self, ids: torch.Tensor | None) -> torch.Tensor | None:
@@ -154,31 +162,38 @@ class MoE(nn.Module):
         picked[token.reshape(-1)] = True
         return out, expert, int(N - picked.sum())
 
-    def aux_losses(self, logits, scores, expert, x, modality, routed):
+    def aux_losses(self, logits, scores, expert, x, modality, routed, sums=None):
         """-> (weighted sum to train on or None, {name: unweighted value} for the statistics).
-        routed (E,): the routing choices per expert."""
+        routed (E,): the routing choices per expert; sums: the compiled router's `RouterSums`
+        (the same losses without another pass over the (N, E) scores), or None."""
         cfg = self.cfg
         terms, parts = [], {}
         if cfg.balance_loss > 0 and cfg.router == "topk":
             if cfg.balance_loss_type == "sequence":
                 sequence, count = sequence_ids(x, modality)
                 lb = sequence_load_balance_loss(scores, expert, sequence, count, cfg.score)
+            elif sums is not None:
+                lb = load_balance_loss_from_sums(sums.prob_sum, routed, *expert.shape)
             else:
                 lb = load_balance_loss(scores, expert, cfg.score, routed)
             terms.append(cfg.balance_loss * lb)
             parts["balance_loss"] = lb.detach()
         if cfg.z_loss > 0:
-            z = router_z_loss(logits)
+            z = router_z_loss(logits) if sums is None else router_z_loss_from_lse(sums.lse)
             terms.append(cfg.z_loss * z)
             parts["z_loss"] = z.detach()
         return (sum(terms[1:], terms[0]) if terms else None), parts
 
     @torch.no_grad()
-    def record(self, scores, expert, routed, dropped: int, ids, losses: dict) -> None:
+    def record(self, scores, expert, routed, dropped: int, ids, losses: dict, sums=None) -> None:
         E = self.cfg.num_experts
-        probs = scores if self.cfg.score == "softmax" else \
-            scores / scores.sum(dim=-1, keepdim=True).clamp(min=1e-20)  # rows summing to 1
-        values = dict(tokens=routed, dropped=dropped, entropy=torch.special.entr(probs).sum(),
+        if sums is not None:
+            entropy = sums.entropy
+        else:
+            probs = scores if self.cfg.score == "softmax" else \
+                scores / scores.sum(dim=-1, keepdim=True).clamp(min=1e-20)  # rows summing to 1
+            entropy = torch.special.entr(probs).sum()
+        values = dict(tokens=routed, dropped=dropped, entropy=entropy,
                       rows=scores.shape[0], calls=1, **losses)
         if ids is not None and self.cfg.router == "topk":
             M = _num_ids(ids)

@@ -6,6 +6,8 @@ float32 whatever the model dtype.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from moe import fused
@@ -34,17 +36,27 @@ def topk_route(scores: torch.Tensor, k: int, renormalize: bool,
     return expert, weight
 
 
+class RouterSums(NamedTuple):
+    """What the compiled router adds up in its pass over the tokens, for the losses and
+    statistics (`moe.losses`): lse (N,) logsumexp of each token's logits, prob_sum (E,) the
+    routing probabilities summed over tokens, entropy () their entropy summed; float32."""
+
+    lse: torch.Tensor
+    prob_sum: torch.Tensor
+    entropy: torch.Tensor
+
+
 def route_topk(logits: torch.Tensor, score: str, k: int, renormalize: bool,
                bias: torch.Tensor | None = None, allowed: torch.Tensor | None = None):
     """Token choice from the logits: scores (N, E) float32, expert (N, k), weight (N, k) float32,
-    as `router_scores` then `topk_route` give them; in one compiled pass where it is built (and no
-    `allowed` mask applies)."""
+    as `router_scores` then `topk_route` give them, and `RouterSums` or None; in one compiled pass
+    where it is built (and no `allowed` mask applies), else the composition and None."""
     if allowed is None:
         out = fused.router_topk(logits, k, renormalize, score == "sigmoid", bias)
         if out is not None:
-            return out
+            return (*out[:3], RouterSums(*out[3:]))
     scores = router_scores(logits, score, allowed)
-    return (scores, *topk_route(scores, k, renormalize, bias))
+    return (scores, *topk_route(scores, k, renormalize, bias), None)
 
 
 def capacity_keep(expert: torch.Tensor, weight: torch.Tensor, num_experts: int, capacity: int,

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe import MoE, MoEConfig, SwiGLU
+from moe import MoE, MoEConfig, SwiGLU, fused, ops
 from moe.dispatch import TopKDispatch, priority_order
 from moe.grouping import Grouping
 from moe.losses import load_balance_loss, router_z_loss, sequence_load_balance_loss
@@ -180,6 +180,31 @@ def test_aux_losses_reach_the_router_through_the_output():
     aux = 0.1 * load_balance_loss(scores, expert) + 0.01 * router_z_loss(logits)
     expected = torch.autograd.grad(aux, moe.router.weight)[0]
     torch.testing.assert_close(moe.router.weight.grad, expected)
+
+
+@pytest.mark.skipif(not ops.AVAILABLE, reason="moe._C was not built (needs a C++ compiler "
+                    "at install time)")
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_losses_and_statistics_from_the_router_kernel_equal_the_composition(score, monkeypatch):
+    # the compiled router sums the probabilities, logsumexps and entropy in its pass; without it
+    # the block composes the same losses from the scores and logits
+    def run():
+        torch.manual_seed(0)
+        moe = make(score=score, balance_loss=0.1, z_loss=0.01)
+        x = torch.randn(40, 16, requires_grad=True)
+        moe(x).square().sum().backward()
+        return moe, x.grad, moe.stats.read()
+
+    fast_moe, fast_grad, fast_stats = run()
+    monkeypatch.setattr(fused, "router_topk", lambda *args, **kwargs: None)
+    slow_moe, slow_grad, slow_stats = run()
+    torch.testing.assert_close(fast_grad, slow_grad, atol=1e-5, rtol=1e-4)
+    for (name, a), (_, b) in zip(fast_moe.named_parameters(), slow_moe.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert fast_stats.keys() == slow_stats.keys()
+    for key in ("balance_loss", "z_loss", "entropy", "tokens"):
+        torch.testing.assert_close(fast_stats[key].float(), slow_stats[key].float(), atol=1e-5,
+                                   rtol=1e-5, msg=key)
 
 
 @pytest.mark.parametrize("score", ["softmax", "sigmoid"])
