@@ -48,7 +48,7 @@ def rotary_reference(x, cos, sin):
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-# ---- registrations: fake kernels and autograd ---------------------------------------------
+# ---- fake kernels (autograd: csrc/autograd.cpp) --------------------------------------------
 
 if AVAILABLE:
     ops = torch.ops.moe_ops
@@ -73,34 +73,6 @@ if AVAILABLE:
     def _(x, cos, sin, transpose):
         return x.new_empty(x.shape, dtype=cos.dtype)
 
-    def _rms_save(ctx, inputs, output):
-        x, weight, group_rows, _ = inputs
-        ctx.save_for_backward(x, weight, output[1])
-        ctx.group_rows = group_rows
-
-    def _rms_backward(ctx, grad, _grad_rstd):
-        x, weight, rstd = ctx.saved_tensors
-        gx, gw = ops.rms_norm_backward(grad.contiguous(), x, weight, rstd, ctx.group_rows)
-        return gx, gw, None, None
-
-    def _swiglu_save(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    def _swiglu_backward(ctx, grad):
-        a, b = ctx.saved_tensors
-        return ops.swiglu_backward(grad.contiguous(), a, b)
-
-    def _rotary_save(ctx, inputs, output):
-        x, cos, sin, transpose = inputs
-        ctx.save_for_backward(cos, sin)
-        ctx.transpose, ctx.x_dtype = transpose, x.dtype
-
-    def _rotary_backward(ctx, grad):
-        cos, sin = ctx.saved_tensors
-        grad = grad if grad.stride(-1) == 1 else grad.contiguous()
-        grad_x = ops.rotary(grad, cos, sin, not ctx.transpose).to(ctx.x_dtype)
-        return grad_x, None, None, None
-
     @torch.library.register_fake("moe_ops::router_topk")
     def _(logits, bias, k, renormalize, sigmoid):
         N, E = logits.shape
@@ -113,33 +85,6 @@ if AVAILABLE:
     def _(grad_scores, grad_weight, grad_lse, grad_prob_sum, scores, expert, renormalize,
           sigmoid):
         return torch.empty_like(scores)
-
-    def _router_save(ctx, inputs, output):
-        logits, _, _, renormalize, sigmoid = inputs
-        scores, expert = output[:2]
-        # sigmoid scores do not give d lse / d logits (the softmax): keep the logits for it
-        ctx.save_for_backward(scores, expert, logits if sigmoid else None)
-        ctx.mark_non_differentiable(output[5])  # the entropy: a statistic
-        ctx.renormalize, ctx.sigmoid, ctx.dtype = renormalize, sigmoid, logits.dtype
-
-    def _router_backward(ctx, grad_scores, _grad_expert, grad_weight, grad_lse, grad_prob_sum,
-                         _grad_entropy):
-        scores, expert, logits = ctx.saved_tensors
-        f32 = lambda g: None if g is None else g.float().contiguous()  # noqa: E731
-        grad = ops.router_topk_backward(
-            f32(grad_scores), f32(grad_weight), None if ctx.sigmoid else f32(grad_lse),
-            f32(grad_prob_sum), scores, expert, ctx.renormalize, ctx.sigmoid)
-        if ctx.sigmoid and grad_lse is not None:
-            grad = grad + grad_lse.float()[:, None] * torch.softmax(logits.float(), dim=-1)
-        return grad.to(ctx.dtype), None, None, None, None
-
-    torch.library.register_autograd("moe_ops::router_topk", _router_backward,
-                                    setup_context=_router_save)
-    torch.library.register_autograd("moe_ops::rms_norm", _rms_backward, setup_context=_rms_save)
-    torch.library.register_autograd("moe_ops::swiglu", _swiglu_backward,
-                                    setup_context=_swiglu_save)
-    torch.library.register_autograd("moe_ops::rotary", _rotary_backward,
-                                    setup_context=_rotary_save)
 
 
 def _pair_ok(x: torch.Tensor, other: torch.Tensor) -> bool:

@@ -1,5 +1,6 @@
 """The compiled kernels of the grouping primitive (`csrc/`), their PyTorch references, and the
-`torch.library` registrations (fake kernels for `torch.compile`, autograd) shared by all devices.
+`torch.library` fake kernels (for `torch.compile`) shared by all devices; their autograd is
+registered in C++ (`csrc/autograd.cpp`), once for every device.
 
 Vocabulary: N tokens each choose k groups, S = N * k slots, slot s = t * k + j. `sort_by_group`
 orders the slots by group (stably, in a given priority order) and drops those past `capacity`;
@@ -106,7 +107,7 @@ def slot_dots_reference(a, b, order, inverse, k: int, kept: int):
     return dots.float()
 
 
-# ---- registrations: fake kernels and autograd, once for every device -----------------------
+# ---- fake kernels, once for every device ----------------------------------------------------
 
 if AVAILABLE:
     ops = torch.ops.moe_ops
@@ -131,7 +132,8 @@ if AVAILABLE:
     def _(grad, y, order, inverse, weights, k, kept):
         return torch.empty_like(y), grad.new_empty(inverse.shape[0], dtype=torch.float32)
 
-    # the grouped products of moe.cpu_gemm (CPU only; their autograd is cpu_gemm.SplitGroupedMM)
+    # the grouped products of moe.cpu_gemm (CPU only; `group_mm`, their differentiable
+    # composition, has a kernel for every key in csrc/autograd.cpp)
     @torch.library.register_fake("moe_ops::group_rows_mm")
     def _(a, b, ends, spread, block=64):
         return a.new_empty(a.shape[0], b.shape[2])
@@ -139,34 +141,6 @@ if AVAILABLE:
     @torch.library.register_fake("moe_ops::group_inner_mm")
     def _(a, b, ends, spread, block=64):
         return a.new_empty(len(ends), a.shape[1], b.shape[1])
-
-    def _save(ctx, inputs, output):
-        source, order, inverse, weights, k, kept = inputs
-        ctx.save_for_backward(source, order, inverse, weights)
-        ctx.k, ctx.kept = k, kept
-
-    def _permute_backward(ctx, grad):
-        x, order, inverse, weights = ctx.saved_tensors
-        grad = grad.contiguous()
-        grad_x = ops.unpermute_rows(grad, order, inverse, weights, ctx.k, ctx.kept)
-        grad_w = ops.slot_dots(x, grad, order, inverse, ctx.k, ctx.kept) \
-            if weights is not None and ctx.needs_input_grad[3] else None
-        return grad_x, None, None, grad_w, None, None
-
-    def _unpermute_backward(ctx, grad):
-        y, order, inverse, weights = ctx.saved_tensors
-        grad = grad.contiguous()
-        if weights is not None and ctx.needs_input_grad[3]:  # both gradients in one pass
-            grad_y, grad_w = ops.unpermute_rows_backward(grad, y, order, inverse, weights,
-                                                         ctx.k, ctx.kept)
-            return grad_y, None, None, grad_w, None, None
-        grad_y = ops.permute_rows(grad, order, inverse, weights, ctx.k, ctx.kept)[:y.shape[0]]
-        return grad_y, None, None, None, None, None
-
-    torch.library.register_autograd("moe_ops::permute_rows", _permute_backward,
-                                    setup_context=_save)
-    torch.library.register_autograd("moe_ops::unpermute_rows", _unpermute_backward,
-                                    setup_context=_save)
 
 
 def _compiled(t: torch.Tensor) -> bool:

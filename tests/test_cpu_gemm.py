@@ -166,7 +166,32 @@ def test_group_kernels_pass_opcheck(block):
     torch.library.opcheck(torch.ops.moe_ops.group_rows_mm, (g, w.transpose(1, 2), ends, False,
                                                             block))
     torch.library.opcheck(torch.ops.moe_ops.group_inner_mm, (x, g, ends, True, block))
+    # the differentiable composition: its C++ autograd and its kernel below autograd
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    torch.library.opcheck(torch.ops.moe_ops.group_mm, (xg, wg, ends, block))
+    torch.library.opcheck(torch.ops.moe_ops.group_mm, (x, wg, ends, block))
 
+
+@needs_kernels
+@pytest.mark.parametrize("block", [BLOCK, 1], ids=["blocks", "exact"])
+@pytest.mark.parametrize("sizes", SIZES)
+def test_group_mm_op_equals_the_per_group_loop(sizes, block):
+    # forward and both gradients of the op `grouped_linear` runs in float32 / half precision
+    x, w, offsets = case(sizes, torch.float64, extra_rows=4)
+    y = torch.ops.moe_ops.group_mm(x, w, offsets.tolist(), block)
+    n = sum(sizes)
+    ref = grouped_linear_reference(x, w, offsets)
+    torch.testing.assert_close(y[:n], ref, rtol=1e-12, atol=1e-12)
+    assert torch.equal(y[n:], y.new_zeros(4, y.shape[1]))
+    grad = torch.randn_like(y)
+    gx, gw = torch.autograd.grad(y, (x, w), grad)
+    rx, rw = torch.autograd.grad(ref, (x, w), grad[:n])
+    torch.testing.assert_close(gx, rx, rtol=1e-12, atol=1e-12)  # zero past the groups
+    torch.testing.assert_close(gw, rw, rtol=1e-12, atol=1e-12)
+    # a frozen weight: the input's gradient alone
+    (gx_only,) = torch.autograd.grad(torch.ops.moe_ops.group_mm(x, w.detach(), offsets.tolist(),
+                                                                block), x, grad)
+    torch.testing.assert_close(gx_only, gx, rtol=0, atol=0)
 
 
 @needs_kernels

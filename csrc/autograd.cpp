@@ -1,0 +1,309 @@
+// Autograd of the moe_ops kernels, registered once for every device under the Autograd key.
+//
+// Each op's backward is other moe_ops ops (their CPU / CUDA kernels and fake kernels are
+// registered beside them), so `torch.compile` traces forward and backward through the fake
+// kernels. Kept in C++ rather than `torch.library.register_autograd`: the Python route costs
+// about 0.15-0.6 ms per op and step (saving the context, wrapping the backward), which at a
+// small model's sizes is as much as the kernels themselves (see README, Kernels).
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace moe_ops {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using Tensor = at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+// A handle on one moe_ops op through the dispatcher (its CPU, CUDA or fake kernel).
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+Tensor contiguous(const Tensor& t) { return t.defined() ? t.contiguous() : t; }
+
+// ---- fused element-wise kernels (fused_cpu.cpp) ------------------------------------------
+
+class RmsNorm : public torch::autograd::Function<RmsNorm> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight,
+                               c10::IntArrayRef group_rows, double eps) {
+    static auto fwd = op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&,
+                                                    c10::IntArrayRef, double)>("moe_ops::rms_norm");
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [y, rstd] = fwd.call(x, weight, group_rows, eps);
+    ctx->save_for_backward({x, weight, rstd});
+    ctx->saved_data["group_rows"] = group_rows.vec();
+    ctx->mark_non_differentiable({rstd});
+    return {y, rstd};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto bwd = op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                    const Tensor&, c10::IntArrayRef)>(
+        "moe_ops::rms_norm_backward");
+    if (!grads[0].defined()) return {Tensor(), Tensor(), Tensor(), Tensor()};
+    auto saved = ctx->get_saved_variables();
+    auto group_rows = ctx->saved_data["group_rows"].toIntVector();
+    auto [gx, gw] = bwd.call(grads[0].contiguous(), saved[0], saved[1], saved[2], group_rows);
+    return {gx, gw, Tensor(), Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor> rms_norm_autograd(const Tensor& x, const Tensor& weight,
+                                             c10::IntArrayRef group_rows, double eps) {
+  auto out = RmsNorm::apply(x, weight, group_rows, eps);
+  return {out[0], out[1]};
+}
+
+class Swiglu : public torch::autograd::Function<Swiglu> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& a, const Tensor& b) {
+    static auto fwd = op<Tensor(const Tensor&, const Tensor&)>("moe_ops::swiglu");
+    at::AutoDispatchBelowADInplaceOrView below;
+    ctx->save_for_backward({a, b});
+    return fwd.call(a, b);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto bwd = op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&)>(
+        "moe_ops::swiglu_backward");
+    auto saved = ctx->get_saved_variables();
+    auto [ga, gb] = bwd.call(grads[0].contiguous(), saved[0], saved[1]);
+    return {ga, gb};
+  }
+};
+
+Tensor swiglu_autograd(const Tensor& a, const Tensor& b) { return Swiglu::apply(a, b); }
+
+class Rotary : public torch::autograd::Function<Rotary> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& cos,
+                        const Tensor& sin, bool transpose) {
+    static auto fwd = op<Tensor(const Tensor&, const Tensor&, const Tensor&, bool)>(
+        "moe_ops::rotary");
+    at::AutoDispatchBelowADInplaceOrView below;
+    ctx->save_for_backward({cos, sin});
+    ctx->saved_data["transpose"] = transpose;
+    ctx->saved_data["dtype"] = x.scalar_type();
+    return fwd.call(x, cos, sin, transpose);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto fwd = op<Tensor(const Tensor&, const Tensor&, const Tensor&, bool)>(
+        "moe_ops::rotary");
+    auto saved = ctx->get_saved_variables();
+    Tensor grad = grads[0].stride(-1) == 1 ? grads[0] : grads[0].contiguous();
+    // the rotation by -angle: the same kernel with the other sign
+    Tensor gx = fwd.call(grad, saved[0], saved[1], !ctx->saved_data["transpose"].toBool())
+                    .to(ctx->saved_data["dtype"].toScalarType());
+    return {gx, Tensor(), Tensor(), Tensor()};
+  }
+};
+
+Tensor rotary_autograd(const Tensor& x, const Tensor& cos, const Tensor& sin, bool transpose) {
+  return Rotary::apply(x, cos, sin, transpose);
+}
+
+// ---- router (router_cpu.cpp) -------------------------------------------------------------
+
+// router_topk -> (scores, expert, weight, lse, prob_sum, entropy); expert and entropy carry no
+// gradient. Sigmoid scores do not give d lse / d logits (a softmax): the logits are kept for it.
+class RouterTopk : public torch::autograd::Function<RouterTopk> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& logits, const OptTensor& bias,
+                               int64_t k, bool renormalize, bool sigmoid) {
+    static auto fwd = op<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
+        const Tensor&, const OptTensor&, int64_t, bool, bool)>("moe_ops::router_topk");
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [scores, expert, weight, lse, prob_sum, entropy] =
+        fwd.call(logits, bias, k, renormalize, sigmoid);
+    ctx->save_for_backward({scores, expert, sigmoid ? logits : Tensor()});
+    ctx->saved_data["renormalize"] = renormalize;
+    ctx->saved_data["sigmoid"] = sigmoid;
+    ctx->saved_data["dtype"] = logits.scalar_type();
+    ctx->mark_non_differentiable({expert, entropy});
+    return {scores, expert, weight, lse, prob_sum, entropy};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto bwd = op<Tensor(const OptTensor&, const OptTensor&, const OptTensor&,
+                                const OptTensor&, const Tensor&, const Tensor&, bool, bool)>(
+        "moe_ops::router_topk_backward");
+    auto saved = ctx->get_saved_variables();
+    const bool sigmoid = ctx->saved_data["sigmoid"].toBool();
+    auto f32 = [](const Tensor& g) -> OptTensor {
+      if (!g.defined()) return std::nullopt;
+      return g.to(at::kFloat).contiguous();
+    };
+    const Tensor& grad_lse = grads[3];
+    Tensor grad = bwd.call(f32(grads[0]), f32(grads[2]), sigmoid ? std::nullopt : f32(grad_lse),
+                           f32(grads[4]), saved[0], saved[1],
+                           ctx->saved_data["renormalize"].toBool(), sigmoid);
+    if (sigmoid && grad_lse.defined()) {
+      grad = grad + grad_lse.to(at::kFloat).unsqueeze(1) * at::softmax(saved[2].to(at::kFloat), -1);
+    }
+    return {grad.to(ctx->saved_data["dtype"].toScalarType()), Tensor(), Tensor(), Tensor(),
+            Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> router_topk_autograd(
+    const Tensor& logits, const OptTensor& bias, int64_t k, bool renormalize, bool sigmoid) {
+  auto out = RouterTopk::apply(logits, bias, k, renormalize, sigmoid);
+  return {out[0], out[1], out[2], out[3], out[4], out[5]};
+}
+
+// ---- permute / unpermute (moe_ops.cpp): each is the other's backward -----------------------
+
+using RowsOp = Tensor(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, int64_t,
+                      int64_t);
+
+OptTensor optional(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
+
+void save_rows(AutogradContext* ctx, const Tensor& source, const Tensor& order,
+               const Tensor& inverse, const OptTensor& weights, int64_t k, int64_t kept) {
+  ctx->save_for_backward({source, order, inverse, weights.value_or(Tensor())});
+  ctx->saved_data["k"] = k;
+  ctx->saved_data["kept"] = kept;
+}
+
+class PermuteRows : public torch::autograd::Function<PermuteRows> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& order,
+                        const Tensor& inverse, const OptTensor& weights, int64_t k,
+                        int64_t kept) {
+    static auto fwd = op<RowsOp>("moe_ops::permute_rows");
+    at::AutoDispatchBelowADInplaceOrView below;
+    save_rows(ctx, x, order, inverse, weights, k, kept);
+    return fwd.call(x, order, inverse, weights, k, kept);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto unpermute = op<RowsOp>("moe_ops::unpermute_rows");
+    static auto dots = op<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                 int64_t, int64_t)>("moe_ops::slot_dots");
+    auto saved = ctx->get_saved_variables();
+    const int64_t k = ctx->saved_data["k"].toInt(), kept = ctx->saved_data["kept"].toInt();
+    Tensor grad = grads[0].contiguous();
+    Tensor grad_x = unpermute.call(grad, saved[1], saved[2], optional(saved[3]), k, kept);
+    Tensor grad_w;
+    if (saved[3].defined() && ctx->needs_input_grad(3)) {
+      grad_w = dots.call(saved[0], grad, saved[1], saved[2], k, kept);
+    }
+    return {grad_x, Tensor(), Tensor(), grad_w, Tensor(), Tensor()};
+  }
+};
+
+class UnpermuteRows : public torch::autograd::Function<UnpermuteRows> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& y, const Tensor& order,
+                        const Tensor& inverse, const OptTensor& weights, int64_t k,
+                        int64_t kept) {
+    static auto fwd = op<RowsOp>("moe_ops::unpermute_rows");
+    at::AutoDispatchBelowADInplaceOrView below;
+    save_rows(ctx, y, order, inverse, weights, k, kept);
+    return fwd.call(y, order, inverse, weights, k, kept);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto permute = op<RowsOp>("moe_ops::permute_rows");
+    static auto both = op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                     const Tensor&, const Tensor&, int64_t,
+                                                     int64_t)>("moe_ops::unpermute_rows_backward");
+    auto saved = ctx->get_saved_variables();
+    const int64_t k = ctx->saved_data["k"].toInt(), kept = ctx->saved_data["kept"].toInt();
+    Tensor grad = grads[0].contiguous();
+    if (saved[3].defined() && ctx->needs_input_grad(3)) {  // both gradients in one pass
+      auto [grad_y, grad_w] = both.call(grad, saved[0], saved[1], saved[2], saved[3], k, kept);
+      return {grad_y, Tensor(), Tensor(), grad_w, Tensor(), Tensor()};
+    }
+    Tensor grad_y = permute.call(grad, saved[1], saved[2], optional(saved[3]), k, kept)
+                        .narrow(0, 0, saved[0].size(0));
+    return {grad_y, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+Tensor permute_rows_autograd(const Tensor& x, const Tensor& order, const Tensor& inverse,
+                             const OptTensor& weights, int64_t k, int64_t kept) {
+  return PermuteRows::apply(x, order, inverse, weights, k, kept);
+}
+
+Tensor unpermute_rows_autograd(const Tensor& y, const Tensor& order, const Tensor& inverse,
+                               const OptTensor& weights, int64_t k, int64_t kept) {
+  return UnpermuteRows::apply(y, order, inverse, weights, k, kept);
+}
+
+// ---- the grouped product (group_gemm_cpu.cpp) ----------------------------------------------
+
+// group_mm(a (N, K), b (G, K, M), ends, block) = group_rows_mm with the groups shared out among
+// the threads; backward: grad_a = group_rows_mm(grad, b^T), grad_b = group_inner_mm(a, grad).
+class GroupMm : public torch::autograd::Function<GroupMm> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& a, const Tensor& b,
+                        c10::IntArrayRef ends, int64_t block) {
+    static auto rows = op<Tensor(const Tensor&, const Tensor&, c10::IntArrayRef, bool, int64_t)>(
+        "moe_ops::group_rows_mm");
+    at::AutoDispatchBelowADInplaceOrView below;
+    ctx->save_for_backward({a, b});
+    ctx->saved_data["ends"] = ends.vec();
+    ctx->saved_data["block"] = block;
+    return rows.call(a, b, ends, true, block);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    using Product = Tensor(const Tensor&, const Tensor&, c10::IntArrayRef, bool, int64_t);
+    static auto rows = op<Product>("moe_ops::group_rows_mm");
+    static auto inner = op<Product>("moe_ops::group_inner_mm");
+    auto saved = ctx->get_saved_variables();
+    auto ends = ctx->saved_data["ends"].toIntVector();
+    const int64_t block = ctx->saved_data["block"].toInt();
+    Tensor grad = grads[0].contiguous(), grad_a, grad_b;
+    if (ctx->needs_input_grad(0)) {
+      grad_a = rows.call(grad, saved[1].transpose(1, 2), ends, true, block);
+    }
+    if (ctx->needs_input_grad(1)) grad_b = inner.call(saved[0], grad, ends, true, block);
+    return {grad_a, grad_b, Tensor(), Tensor()};
+  }
+};
+
+Tensor group_mm_autograd(const Tensor& a, const Tensor& b, c10::IntArrayRef ends, int64_t block) {
+  return GroupMm::apply(a, b, ends, block);
+}
+
+// Below autograd (no gradient wanted, or a traced graph): the forward product.
+Tensor group_mm_plain(const Tensor& a, const Tensor& b, c10::IntArrayRef ends, int64_t block) {
+  static auto rows = op<Tensor(const Tensor&, const Tensor&, c10::IntArrayRef, bool, int64_t)>(
+      "moe_ops::group_rows_mm");
+  return rows.call(a, b, ends, true, block);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(moe_ops, m) {
+  m.def("group_mm(Tensor a, Tensor b, int[] ends, int block) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(moe_ops, CompositeExplicitAutograd, m) {
+  m.impl("group_mm", &group_mm_plain);
+}
+
+TORCH_LIBRARY_IMPL(moe_ops, Autograd, m) {
+  m.impl("rms_norm", &rms_norm_autograd);
+  m.impl("swiglu", &swiglu_autograd);
+  m.impl("rotary", &rotary_autograd);
+  m.impl("router_topk", &router_topk_autograd);
+  m.impl("permute_rows", &permute_rows_autograd);
+  m.impl("unpermute_rows", &unpermute_rows_autograd);
+  m.impl("group_mm", &group_mm_autograd);
+}
+
+}  // namespace moe_ops
