@@ -25,6 +25,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "moe_rows_cpu.h"  // MOE_CLONES
+
 #include <algorithm>
 #include <cmath>
 #include <optional>
@@ -35,23 +37,46 @@ namespace {
 
 constexpr float kMinSum = 1e-20f;  // the clamp of the renormalising sum, as in the reference
 
-// Indices of the k largest select[e] (ties: the lower index first), into out.
+// a ranks above b: larger, or NaN against a number (torch.topk's order)
+inline bool above(float a, float b) { return a > b || (a != a && b == b); }
+
+// Indices of the k largest select[e], highest first (ties: the lower index first), into out:
+// one pass, each value inserted into the sorted list of the best so far.
 inline void top_k(const float* select, int64_t E, int64_t k, int64_t* out) {
-  for (int64_t j = 0; j < k; ++j) {
-    int64_t best = -1;
-    for (int64_t e = 0; e < E; ++e) {
-      bool taken = false;
-      for (int64_t i = 0; i < j; ++i) taken |= out[i] == e;
-      if (!taken && (best < 0 || select[e] > select[best] ||
-                     (std::isnan(select[e]) && !std::isnan(select[best])))) {
-        best = e;
-      }
-    }
-    out[j] = best;
+  int64_t n = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    const float v = select[e];
+    if (n == k && !above(v, select[out[k - 1]])) continue;
+    int64_t i = n < k ? n++ : k - 1;
+    for (; i > 0 && above(v, select[out[i - 1]]); --i) out[i] = out[i - 1];
+    out[i] = e;
   }
 }
 
 constexpr int64_t kRowBlock = 512;  // rows per block of the sums
+
+// exp(x) in place for x <= 0 (logits minus their row's maximum), within 2 ulp of expf: 2^n p(r)
+// with n = round(x / ln 2), r = x - n ln 2 (ln 2 in two parts), p Cephes' degree-7 polynomial;
+// exp(x) = 0 below -87.3 (where it leaves float's normal range). Plain arithmetic, so the loop
+// vectorises (libm's expf, one value at a time, took most of the router's time).
+MOE_CLONES static void exp_nonpositive(float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = std::max(x[i], -87.3f);
+    const float t = v * 1.44269504f + 12582912.f;  // + 1.5 * 2^23: rounds to an integer
+    const float k = t - 12582912.f;
+    const int32_t bits = __builtin_bit_cast(int32_t, t) - 0x4B400000;  // k as an integer
+    const float r = (v - k * 0.693359375f) + k * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.f;
+    const float scale = __builtin_bit_cast(float, (bits + 127) << 23);
+    x[i] = x[i] < -87.3f ? 0.f : p * scale;  // NaN stays NaN
+  }
+}
 
 // entr(p) = -p log p, 0 at p = 0 (torch.special.entr)
 inline float entr(float p) { return p > 0.f ? -p * std::log(p) : (p == 0.f ? 0.f : -INFINITY); }
@@ -62,13 +87,23 @@ template <typename T>
 void router_rows(const T* logits, const float* bias, float* scores, int64_t* expert,
                  float* weight, float* lse, float* prob_sum, float* entropy, int64_t r0,
                  int64_t r1, int64_t E, int64_t k, bool renormalize, bool sigmoid) {
-  std::vector<float> select(bias == nullptr ? 0 : E);
+  std::vector<float> select(bias == nullptr ? 0 : E), row_max(sigmoid ? 0 : r1 - r0);
+  if (!sigmoid) {  // the block's exponentials in one vectorised pass
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* l = logits + r * E;
+      float m = -INFINITY;
+      for (int64_t e = 0; e < E; ++e) m = std::max(m, static_cast<float>(l[e]));
+      row_max[r - r0] = m;
+      for (int64_t e = 0; e < E; ++e) scores[r * E + e] = static_cast<float>(l[e]) - m;
+    }
+    exp_nonpositive(scores + r0 * E, (r1 - r0) * E);
+  }
   for (int64_t r = r0; r < r1; ++r) {
     const T* l = logits + r * E;
     float* s = scores + r * E;
     float m = -INFINITY;
-    for (int64_t e = 0; e < E; ++e) m = std::max(m, static_cast<float>(l[e]));
     if (sigmoid) {
+      for (int64_t e = 0; e < E; ++e) m = std::max(m, static_cast<float>(l[e]));
       float sum = 0.f, total = 0.f;
       for (int64_t e = 0; e < E; ++e) {
         s[e] = 1.f / (1.f + std::exp(-static_cast<float>(l[e])));
@@ -82,18 +117,20 @@ void router_rows(const T* logits, const float* bias, float* scores, int64_t* exp
         *entropy += entr(s[e] * inv);
       }
     } else {
+      m = row_max[r - r0];
       float sum = 0.f;
-      for (int64_t e = 0; e < E; ++e) {
-        s[e] = std::exp(static_cast<float>(l[e]) - m);
-        sum += s[e];
-      }
-      lse[r] = m + std::log(sum);
+      for (int64_t e = 0; e < E; ++e) sum += s[e];
+      const float log_sum = std::log(sum);
+      lse[r] = m + log_sum;
+      // entropy = -sum p log p with log p = (l - m) - log_sum: log_sum - sum p (l - m)
       const float inv = 1.f / sum;
+      float dot = 0.f;
       for (int64_t e = 0; e < E; ++e) {
         s[e] *= inv;
         prob_sum[e] += s[e];
-        *entropy += entr(s[e]);
+        if (s[e] > 0.f) dot += s[e] * (static_cast<float>(l[e]) - m);
       }
+      *entropy += log_sum - dot;
     }
     const float* sel = s;
     if (bias != nullptr) {
