@@ -179,6 +179,24 @@ def test_router_topk_matches_reference(sigmoid, renormalize, with_bias, k):
 
 
 @needs_kernels
+def test_router_softmax_over_a_wide_range_of_logits():
+    # the kernel's own exp (a polynomial after range reduction) against torch's softmax: logits
+    # 60 apart, some 100 below their row's largest (past exp's float range), and -inf
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4096, 8, generator=g) * 30
+    logits[::7, 3] = logits[::7].max(dim=-1).values - 100
+    logits[::11, 5] = float("-inf")
+    scores, _, _, lse, prob_sum, entropy = fused.router_topk(logits, 2, True, False)
+    want = logits.double().softmax(-1)
+    torch.testing.assert_close(scores.double(), want, rtol=2e-6, atol=1e-12)
+    assert bool((scores[::11, 5] == 0).all())
+    torch.testing.assert_close(lse.double(), logits.double().logsumexp(-1))
+    torch.testing.assert_close(prob_sum.double(), want.sum(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy.double(), torch.special.entr(want).sum(), rtol=1e-4,
+                               atol=1e-3)
+
+
+@needs_kernels
 def test_router_topk_gradient_through_weights_only():
     # only the combine weights used (no balance loss): the scores get no gradient of their own
     g = torch.Generator().manual_seed(0)
