@@ -32,15 +32,22 @@ def test_grouped_layout_equals_sequence_layout(layer):
         layer(x, g)
 
 
-def test_permute_gradient_is_the_inverse_gather():
+@pytest.mark.parametrize("layout", ["rows", "heads", "strided view", "bfloat16"])
+def test_permute_gradient_is_the_inverse_gather(layout):
+    # contiguous floating rows take the compiled permute where built, the rest index_select
     ids = torch.randint(0, 3, (50,))
     g = Grouping.from_ids(ids, 3)
-    x = torch.randn(50, 8, requires_grad=True)
-    w = torch.randn(50, 8)
+    base = torch.randn(50, 4, 6, requires_grad=True)
+    x = {"rows": base.view(50, 24), "heads": base, "strided view": base[:, 1:3],
+         "bfloat16": base.bfloat16()}[layout]
+    w = torch.randn(x.shape).to(x.dtype)
     (g.permute(x) * w).sum().backward()
-    x_ref = x.detach().clone().requires_grad_()
+    ref = base.detach().clone().requires_grad_()
+    x_ref = {"rows": ref.view(50, 24), "heads": ref, "strided view": ref[:, 1:3],
+             "bfloat16": ref.bfloat16()}[layout]
     (x_ref[g.order] * w).sum().backward()
-    assert torch.equal(x.grad, x_ref.grad)
+    assert torch.equal(base.grad, ref.grad)
+    assert torch.equal(g.unpermute(g.permute(x)), x)
 
 
 CASES = {  # name: ids over 3 groups
