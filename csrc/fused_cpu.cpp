@@ -104,29 +104,10 @@ FUSED_INLINE void rms_backward_rows(const T* g, const T* x, const W* w, const ac
 
 // ---- SwiGLU ----------------------------------------------------------------------------------
 
-// exp(x) in float32 that vectorises (std::exp does not without -ffast-math): x = n ln2 + r with
-// |r| <= ln2 / 2, exp(r) by the Cephes expf polynomial (about 1 ulp), times 2^n built from bits.
-// The input is clamped to [-87, 88], which keeps 2^n a normal float; silu and sigmoid only need
-// exp(-a) there to saturate.
-FUSED_INLINE float exp_f32(float x) {
-  x = x < -87.f ? -87.f : (x > 88.f ? 88.f : x);
-  constexpr float round = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float n = (x * 1.44269504088896341f + round) - round;
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.f;
-  return p * __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
-}
-
 template <typename A>
 FUSED_INLINE A sigmoid(A v) {
   if constexpr (std::is_same_v<A, float>) {
-    return 1.f / (1.f + exp_f32(-v));
+    return 1.f / (1.f + rows::exp_f32(-v));
   } else {
     return A(1) / (A(1) + std::exp(-v));
   }

@@ -1,5 +1,6 @@
 // Row loops of the CPU kernels (moe_ops.cpp): scale, accumulate, store and dot one row of D
-// values (and scale_dot: a scaled copy and a dot product in one read), accumulating in float32 (float64 for double).
+// values (and scale_dot: a scaled copy and a dot product in one read), accumulating in float32
+// (float64 for double); and `exp_f32`, an exp that vectorises (fused_cpu.cpp, router_cpu.cpp).
 //
 // float32 and bfloat16 get their own loops, compiled for AVX-512, AVX2 and baseline x86-64
 // (GCC picks one when the library loads: `target_clones`), with bfloat16 converted by bit
@@ -33,6 +34,25 @@ inline __attribute__((always_inline)) uint16_t to_bf16(float f) {
   const uint32_t u = __builtin_bit_cast(uint32_t, f);
   const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
   return (u & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t(0x7FC0) : static_cast<uint16_t>(rounded);
+}
+
+// exp(x) in float32 that vectorises (std::exp does not without -ffast-math): x = n ln2 + r with
+// |r| <= ln2 / 2, exp(r) by the Cephes expf polynomial (about 1 ulp), times 2^n built from bits.
+// The input is clamped to [-87, 88], which keeps 2^n a normal float; silu and sigmoid only need
+// exp(-a) there to saturate.
+inline __attribute__((always_inline)) float exp_f32(float x) {
+  x = x < -87.f ? -87.f : (x > 88.f ? 88.f : x);
+  constexpr float round = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float n = (x * 1.44269504088896341f + round) - round;
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  return p * __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
 }
 
 // ---- generic: any scalar type, accumulating in acc_t ---------------------------------------

@@ -25,7 +25,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "moe_rows_cpu.h"  // MOE_CLONES
+#include "moe_rows_cpu.h"  // MOE_CLONES, exp_f32
 
 #include <algorithm>
 #include <cmath>
@@ -55,27 +55,11 @@ inline void top_k(const float* select, int64_t E, int64_t k, int64_t* out) {
 
 constexpr int64_t kRowBlock = 512;  // rows per block of the sums
 
-// exp(x) in place for x <= 0 (logits minus their row's maximum), within 2 ulp of expf: 2^n p(r)
-// with n = round(x / ln 2), r = x - n ln 2 (ln 2 in two parts), p Cephes' degree-7 polynomial;
-// exp(x) = 0 below -87.3 (where it leaves float's normal range). Plain arithmetic, so the loop
-// vectorises (libm's expf, one value at a time, took most of the router's time).
+// exp(x) in place for x <= 0 (logits minus their row's maximum): `rows::exp_f32`, and 0 below
+// -87 (where exp leaves float's normal range). The loop vectorises (libm's expf, one value at a
+// time, took most of the router's time).
 MOE_CLONES static void exp_nonpositive(float* x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = std::max(x[i], -87.3f);
-    const float t = v * 1.44269504f + 12582912.f;  // + 1.5 * 2^23: rounds to an integer
-    const float k = t - 12582912.f;
-    const int32_t bits = __builtin_bit_cast(int32_t, t) - 0x4B400000;  // k as an integer
-    const float r = (v - k * 0.693359375f) + k * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.f;
-    const float scale = __builtin_bit_cast(float, (bits + 127) << 23);
-    x[i] = x[i] < -87.3f ? 0.f : p * scale;  // NaN stays NaN
-  }
+  for (int64_t i = 0; i < n; ++i) x[i] = x[i] < -87.f ? 0.f : rows::exp_f32(x[i]);
 }
 
 // entr(p) = -p log p, 0 at p = 0 (torch.special.entr)
