@@ -11,7 +11,7 @@
 //
 // Rows of group g are the group_rows[g] rows after those of groups < g. Sums run in float32
 // (float64 for double); weights may be float32 under half-precision rows (autocast). The
-// PyTorch references, fake kernels and autograd are in moe/fused.py.
+// PyTorch references and fake kernels are in moe/fused.py, autograd in csrc/autograd.cpp.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

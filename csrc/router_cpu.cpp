@@ -19,7 +19,8 @@
 //
 // With E of 8-64 experts, torch's softmax and topk over (N, E) cost 100-200 us each on two
 // cores, several times the work; here one loop over the tokens does all of it. The reference is
-// `moe.routing.router_scores` + `topk_route`; fake kernel and autograd in moe/fused.py.
+// `moe.routing.router_scores` + `topk_route`; fake kernel in moe/fused.py, autograd in
+// csrc/autograd.cpp.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
