@@ -169,11 +169,15 @@ using RowsOp = Tensor(const Tensor&, const Tensor&, const Tensor&, const OptTens
 
 OptTensor optional(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
-void save_rows(AutogradContext* ctx, const Tensor& source, const Tensor& order,
-               const Tensor& inverse, const OptTensor& weights, int64_t k, int64_t kept) {
+// The forward of either row op: keeps what both backwards need, runs `name` below autograd.
+Tensor rows_forward(AutogradContext* ctx, const c10::TypedOperatorHandle<RowsOp>& fwd,
+                    const Tensor& source, const Tensor& order, const Tensor& inverse,
+                    const OptTensor& weights, int64_t k, int64_t kept) {
+  at::AutoDispatchBelowADInplaceOrView below;
   ctx->save_for_backward({source, order, inverse, weights.value_or(Tensor())});
   ctx->saved_data["k"] = k;
   ctx->saved_data["kept"] = kept;
+  return fwd.call(source, order, inverse, weights, k, kept);
 }
 
 class PermuteRows : public torch::autograd::Function<PermuteRows> {
@@ -182,9 +186,7 @@ class PermuteRows : public torch::autograd::Function<PermuteRows> {
                         const Tensor& inverse, const OptTensor& weights, int64_t k,
                         int64_t kept) {
     static auto fwd = op<RowsOp>("moe_ops::permute_rows");
-    at::AutoDispatchBelowADInplaceOrView below;
-    save_rows(ctx, x, order, inverse, weights, k, kept);
-    return fwd.call(x, order, inverse, weights, k, kept);
+    return rows_forward(ctx, fwd, x, order, inverse, weights, k, kept);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -209,9 +211,7 @@ class UnpermuteRows : public torch::autograd::Function<UnpermuteRows> {
                         const Tensor& inverse, const OptTensor& weights, int64_t k,
                         int64_t kept) {
     static auto fwd = op<RowsOp>("moe_ops::unpermute_rows");
-    at::AutoDispatchBelowADInplaceOrView below;
-    save_rows(ctx, y, order, inverse, weights, k, kept);
-    return fwd.call(y, order, inverse, weights, k, kept);
+    return rows_forward(ctx, fwd, y, order, inverse, weights, k, kept);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
