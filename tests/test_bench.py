@@ -46,3 +46,23 @@ def test_ep_bench_reports_the_minimum_bytes(capsys):
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["bytes_over_minimum"] == 1.0 and last["backward_bytes_over_minimum"] == 1.0
     assert last["ep_over_one_process"] > 0
+
+
+def test_block_benches_run_and_end_with_their_ratios(capsys):
+    """`bench mot` / `bench moe` at toy sizes: one JSON line of both ratios per dtype, after the
+    default warm-up (longer in half precision, where oneDNN compiles per product shape)."""
+    from experiments.bench import WARMUP, warmup_calls
+    from experiments.bench.moe import main as moe_main
+    from experiments.bench.mot import main as mot_main
+
+    assert warmup_calls(None, torch.bfloat16) == WARMUP[torch.bfloat16] > WARMUP[torch.float32]
+    assert warmup_calls(3, torch.bfloat16) == 3
+    assert mot_main(["--batch", "1", "--seq", "64", "--dim", "32", "--heads", "2",
+                     "--hidden", "64", "--repeats", "1"]) == 0
+    mot = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert moe_main(["--tokens", "64", "--dim", "32", "--hidden", "48", "--experts", "4",
+                     "--repeats", "1"]) == 0
+    moe = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for dtype in ("float32", "bfloat16"):
+        assert mot[dtype]["mot_vs_dense"] > 0 and mot[dtype]["mot_vs_maskloop"] > 0
+        assert moe[dtype]["moe_vs_dense"] > 0

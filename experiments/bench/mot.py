@@ -25,7 +25,7 @@ import statistics
 
 import torch
 
-from experiments.bench import paired_ratio, time_rounds
+from experiments.bench import paired_ratio, time_rounds, warmup_calls
 from experiments.bench.maskloop import MaskLoopMoTLayer
 from moe.grouping import Grouping
 from mot.attention import build_mask
@@ -54,8 +54,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--warmup", type=int, default=8,
-                        help="untimed calls first, like a training run's first steps")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed calls first (default: 8 in float32, 48 in half "
+                             "precision, see experiments.bench.WARMUP)")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--layouts", choices=("fresh", "fixed"), default="fresh",
                         help="a new modality layout per call, or one layout")
@@ -67,18 +68,20 @@ def main(argv: list[str]) -> int:
     dense_cfg = ModelConfig(**common, layers="dense")
     mot_cfg = ModelConfig(**common, layers="mot", blocks={"mot": {"untie": "all"}})
     generator = torch.Generator().manual_seed(0)
-    calls = args.warmup + args.repeats if args.layouts == "fresh" else 1
+    dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
+    warmup = {dtype: warmup_calls(args.warmup, dtype) for dtype in dtypes}
+    calls = max(warmup.values()) + args.repeats if args.layouts == "fresh" else 1
     layouts = [interleaved_runs(B, T, M, generator) for _ in range(calls)]
     masks = [build_mask(dense_cfg.attention, modality, None, []) for modality in layouts]
     positions = torch.arange(T).expand(B, T)
     ratios = {}
     print(f"one block, fwd+bwd, B={B} T={T} D={args.dim} heads={args.heads} "
           f"FFN={args.hidden}, {M} modalities, {args.layouts} layouts, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads, warm-up calls "
+          + ", ".join(f"{d}: {w}" for d, w in zip(args.dtypes.split(","), warmup.values())))
     print(f"{'dtype':<10}{'dense ms':>10}{'MoT ms':>10}{'mask-loop ms':>14}"
           f"{'MoT/dense':>11}{'MoT/loop':>10}")
-    for dtype_name in args.dtypes.split(","):
-        dtype = getattr(torch, dtype_name)
+    for dtype_name, dtype in zip(args.dtypes.split(","), dtypes):
         torch.manual_seed(0)
         dense = TransformerLayer(dense_cfg, dense_cfg.layer_block(0)).to(dtype)
         mot = TransformerLayer(mot_cfg, mot_cfg.layer_block(0)).to(dtype)
@@ -109,11 +112,13 @@ def main(argv: list[str]) -> int:
         run_loop = lambda x, x_rows, modality, mask: loop(x, modality, rope, mask)  # noqa: E731
         # two rotations, MoT against dense, then MoT against the mask loop: the mask loop's
         # products meet new shapes on every call, and in half precision the kernels oneDNN
-        # compiles for them crowd its primitive cache and slow the calls after them
+        # compiles for them crowd its primitive cache and slow the calls after them. Its row
+        # counts are any of 1..B*T (no whole blocks), so no warm-up reaches its steady state:
+        # the second rotation keeps the short one.
         rounds = time_rounds({"dense": step(run_dense), "mot": step(run_mot)},
-                             repeats=args.repeats, warmup=args.warmup)
+                             repeats=args.repeats, warmup=warmup[dtype])
         loop_rounds = time_rounds({"mot": step(run_mot), "maskloop": step(run_loop)},
-                                  repeats=args.repeats, warmup=args.warmup)
+                                  repeats=args.repeats, warmup=min(warmup[dtype], 8))
         t = {name: statistics.median(ts) for name, ts in rounds.items()}
         t["maskloop"] = statistics.median(loop_rounds["maskloop"])
         ratios[dtype_name] = {
