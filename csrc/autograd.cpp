@@ -28,8 +28,6 @@ c10::TypedOperatorHandle<Signature> op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
-Tensor contiguous(const Tensor& t) { return t.defined() ? t.contiguous() : t; }
-
 // ---- fused element-wise kernels (fused_cpu.cpp) ------------------------------------------
 
 class RmsNorm : public torch::autograd::Function<RmsNorm> {
@@ -244,6 +242,10 @@ Tensor unpermute_rows_autograd(const Tensor& y, const Tensor& order, const Tenso
 
 // ---- the grouped product (group_gemm_cpu.cpp) ----------------------------------------------
 
+// group_rows_mm / group_inner_mm(a, b, ends, spread, block)
+using Product = Tensor(const Tensor&, const Tensor&, c10::IntArrayRef, bool, int64_t);
+using Pair = std::tuple<Tensor, Tensor>;
+
 // group_mm(a (N, K), b (G, K, M), ends, block) = group_rows_mm with the groups shared out among
 // the threads; backward: grad_a = group_rows_mm(grad, b^T), grad_b = group_inner_mm(a, grad).
 class GroupMm : public torch::autograd::Function<GroupMm> {
@@ -260,7 +262,6 @@ class GroupMm : public torch::autograd::Function<GroupMm> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    using Product = Tensor(const Tensor&, const Tensor&, c10::IntArrayRef, bool, int64_t);
     static auto rows = op<Product>("moe_ops::group_rows_mm");
     static auto inner = op<Product>("moe_ops::group_inner_mm");
     auto saved = ctx->get_saved_variables();
@@ -286,14 +287,94 @@ Tensor group_mm_plain(const Tensor& a, const Tensor& b, c10::IntArrayRef ends, i
   return rows.call(a, b, ends, true, block);
 }
 
+// grouped_swiglu(x (N, D), w1, w3 (G, D, H), w2 (G, H, D_out), ends, block) -> (N, D_out):
+// rows of group g = (silu(x w1[g]) * x w3[g]) w2[g], the expert (or modality) FFN as one node.
+// Against three group_mm nodes and a swiglu node: the gate and up products (and their weight
+// gradients) run in one pass that reads x once (group_rows_mm2, group_inner_mm2), the input
+// gradient is one sum of the gate's and the up product's (group_rows_mm_sum: no (N, D) add of
+// two gradients), and autograd keeps one node instead of four.
+Tensor swiglu_ffn(const Tensor& x, const Tensor& w1, const Tensor& w3, const Tensor& w2,
+                  c10::IntArrayRef ends, int64_t block, Tensor* gate, Tensor* up, Tensor* h) {
+  static auto rows = op<Product>("moe_ops::group_rows_mm");
+  static auto rows2 = op<Pair(const Tensor&, const Tensor&, const Tensor&, c10::IntArrayRef,
+                              bool, int64_t)>("moe_ops::group_rows_mm2");
+  static auto swiglu = op<Tensor(const Tensor&, const Tensor&)>("moe_ops::swiglu");
+  std::tie(*gate, *up) = rows2.call(x, w1, w3, ends, true, block);  // (N, H) each
+  *h = swiglu.call(*gate, *up);
+  return rows.call(*h, w2, ends, true, block);  // (N, D_out)
+}
+
+class GroupedSwiglu : public torch::autograd::Function<GroupedSwiglu> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& w1,
+                        const Tensor& w3, const Tensor& w2, c10::IntArrayRef ends,
+                        int64_t block) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    Tensor gate, up, h;
+    Tensor y = swiglu_ffn(x, w1, w3, w2, ends, block, &gate, &up, &h);
+    ctx->save_for_backward({x, w1, w3, w2, gate, up, h});
+    ctx->saved_data["ends"] = ends.vec();
+    ctx->saved_data["block"] = block;
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto rows = op<Product>("moe_ops::group_rows_mm");
+    static auto inner = op<Product>("moe_ops::group_inner_mm");
+    static auto rows_sum =
+        op<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, c10::IntArrayRef,
+                  bool, int64_t)>("moe_ops::group_rows_mm_sum");
+    static auto inner2 = op<Pair(const Tensor&, const Tensor&, const Tensor&, c10::IntArrayRef,
+                                 bool, int64_t)>("moe_ops::group_inner_mm2");
+    static auto swiglu_bwd = op<Pair(const Tensor&, const Tensor&, const Tensor&)>(
+        "moe_ops::swiglu_backward");
+    auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &w1 = saved[1], &w3 = saved[2], &w2 = saved[3];
+    auto ends = ctx->saved_data["ends"].toIntVector();
+    const int64_t block = ctx->saved_data["block"].toInt();
+    Tensor grad = grads[0].contiguous(), grad_x, grad_w1, grad_w3, grad_w2;
+    if (ctx->needs_input_grad(3)) grad_w2 = inner.call(saved[6], grad, ends, true, block);
+    if (ctx->needs_input_grad(0) || ctx->needs_input_grad(1) || ctx->needs_input_grad(2)) {
+      Tensor grad_h = rows.call(grad, w2.transpose(1, 2), ends, true, block);
+      auto [grad_gate, grad_up] = swiglu_bwd.call(grad_h, saved[4], saved[5]);
+      if (ctx->needs_input_grad(0)) {
+        grad_x = rows_sum.call(grad_gate, w1.transpose(1, 2), grad_up, w3.transpose(1, 2), ends,
+                               true, block);
+      }
+      if (ctx->needs_input_grad(1) && ctx->needs_input_grad(2)) {
+        std::tie(grad_w1, grad_w3) = inner2.call(x, grad_gate, grad_up, ends, true, block);
+      } else if (ctx->needs_input_grad(1)) {
+        grad_w1 = inner.call(x, grad_gate, ends, true, block);
+      } else if (ctx->needs_input_grad(2)) {
+        grad_w3 = inner.call(x, grad_up, ends, true, block);
+      }
+    }
+    return {grad_x, grad_w1, grad_w3, grad_w2, Tensor(), Tensor()};
+  }
+};
+
+Tensor grouped_swiglu_autograd(const Tensor& x, const Tensor& w1, const Tensor& w3,
+                               const Tensor& w2, c10::IntArrayRef ends, int64_t block) {
+  return GroupedSwiglu::apply(x, w1, w3, w2, ends, block);
+}
+
+Tensor grouped_swiglu_plain(const Tensor& x, const Tensor& w1, const Tensor& w3,
+                            const Tensor& w2, c10::IntArrayRef ends, int64_t block) {
+  Tensor gate, up, h;
+  return swiglu_ffn(x, w1, w3, w2, ends, block, &gate, &up, &h);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(moe_ops, m) {
   m.def("group_mm(Tensor a, Tensor b, int[] ends, int block) -> Tensor");
+  m.def("grouped_swiglu(Tensor x, Tensor w1, Tensor w3, Tensor w2, int[] ends, int block) "
+        "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moe_ops, CompositeExplicitAutograd, m) {
   m.impl("group_mm", &group_mm_plain);
+  m.impl("grouped_swiglu", &grouped_swiglu_plain);
 }
 
 TORCH_LIBRARY_IMPL(moe_ops, Autograd, m) {
@@ -304,6 +385,7 @@ TORCH_LIBRARY_IMPL(moe_ops, Autograd, m) {
   m.impl("permute_rows", &permute_rows_autograd);
   m.impl("unpermute_rows", &unpermute_rows_autograd);
   m.impl("group_mm", &group_mm_autograd);
+  m.impl("grouped_swiglu", &grouped_swiglu_autograd);
 }
 
 }  // namespace moe_ops

@@ -136,6 +136,18 @@ def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return _compiled and x.dtype in (torch.float32, torch.float64)
 
 
+def grouped_swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
+                   offsets: torch.Tensor) -> torch.Tensor | None:
+    """The whole grouped SwiGLU FFN as one compiled op with one C++ autograd node
+    (`moe_ops::grouped_swiglu`: the same products as three `split_grouped_linear` calls and the
+    fused swiglu, the input gradient of the gate and up products summed in one pass); None where
+    it does not apply (no compiled kernels, or not every tensor of x's dtype on CPU)."""
+    if not _compiled or not all(applies(x, w) for w in (w1, w3, w2)):
+        return None
+    return torch.ops.moe_ops.grouped_swiglu(x.contiguous(), w1, w3, w2, offsets.tolist(),
+                                            block_rows(x.dtype))
+
+
 def split_grouped_linear(x: torch.Tensor, weight: torch.Tensor,
                          offsets: torch.Tensor) -> torch.Tensor:
     """`SplitGroupedMM`; with the compiled kernels the same products as one op whose autograd is

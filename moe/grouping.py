@@ -235,6 +235,18 @@ def _register_grouped_mm_flops() -> None:
         def _inner_flops(a_shape, b_shape, ends, *args, **kwargs) -> int:
             return 2 * (ends[-1] if ends else 0) * a_shape[1] * b_shape[1]
 
+        @flop_counter.register_flop_formula(torch.ops.moe_ops.group_rows_mm_sum)
+        def _rows_sum_flops(a_shape, b_shape, a2_shape, b2_shape, ends, *args, **kwargs) -> int:
+            return 2 * (ends[-1] if ends else 0) * (a_shape[1] + a2_shape[1]) * b_shape[2]
+
+        @flop_counter.register_flop_formula(torch.ops.moe_ops.group_rows_mm2)
+        def _rows2_flops(a_shape, b_shape, b2_shape, ends, *args, **kwargs) -> int:
+            return 2 * (ends[-1] if ends else 0) * a_shape[1] * (b_shape[2] + b2_shape[2])
+
+        @flop_counter.register_flop_formula(torch.ops.moe_ops.group_inner_mm2)
+        def _inner2_flops(a_shape, b_shape, b2_shape, ends, *args, **kwargs) -> int:
+            return 2 * (ends[-1] if ends else 0) * a_shape[1] * (b_shape[1] + b2_shape[1])
+
     op = getattr(torch.ops.aten, "_grouped_mm", None)
     if op is None or op in flop_counter.flop_registry:
         return

@@ -132,8 +132,8 @@ if AVAILABLE:
     def _(grad, y, order, inverse, weights, k, kept):
         return torch.empty_like(y), grad.new_empty(inverse.shape[0], dtype=torch.float32)
 
-    # the grouped products of moe.cpu_gemm (CPU only; `group_mm`, their differentiable
-    # composition, has a kernel for every key in csrc/autograd.cpp)
+    # the grouped products of moe.cpu_gemm (CPU only; `group_mm` and `grouped_swiglu`, their
+    # differentiable compositions, have a kernel for every key in csrc/autograd.cpp)
     @torch.library.register_fake("moe_ops::group_rows_mm")
     def _(a, b, ends, spread, block=64):
         return a.new_empty(a.shape[0], b.shape[2])
@@ -141,6 +141,19 @@ if AVAILABLE:
     @torch.library.register_fake("moe_ops::group_inner_mm")
     def _(a, b, ends, spread, block=64):
         return a.new_empty(len(ends), a.shape[1], b.shape[1])
+
+    @torch.library.register_fake("moe_ops::group_rows_mm_sum")
+    def _(a, b, a2, b2, ends, spread, block=64):
+        return a.new_empty(a.shape[0], b.shape[2])
+
+    @torch.library.register_fake("moe_ops::group_rows_mm2")
+    def _(a, b, b2, ends, spread, block=64):
+        return a.new_empty(a.shape[0], b.shape[2]), a.new_empty(a.shape[0], b2.shape[2])
+
+    @torch.library.register_fake("moe_ops::group_inner_mm2")
+    def _(a, b, b2, ends, spread, block=64):
+        return (a.new_empty(len(ends), a.shape[1], b.shape[1]),
+                a.new_empty(len(ends), a.shape[1], b2.shape[1]))
 
 
 def _compiled(t: torch.Tensor) -> bool:
