@@ -50,8 +50,8 @@ def test_continuation_logprobs_equal_token_by_token_scores():
         modality = torch.tensor([[m for _, m in row]])
         with torch.no_grad():
             hidden = model(tokens, modality)[0]
-        expected = sum(model.heads(hidden[p - 1], m).log_softmax(-1)[t]
-                       for p, (t, m) in enumerate(row) if p >= len(prefix))
+            expected = sum(model.heads(hidden[p - 1], m).log_softmax(-1)[t]
+                           for p, (t, m) in enumerate(row) if p >= len(prefix))
         assert value == pytest.approx(float(expected), abs=1e-4)
 
 
