@@ -210,7 +210,7 @@ def test_group_rows_sum_equals_two_products(sizes, block):
     x, w, offsets = case(sizes, torch.float64, extra_rows=5)
     x2, w2, _ = case(sizes, torch.float64, d_in=16, extra_rows=5, seed=1)
     ends = offsets.tolist()
-    for spread in (True, False):
+    for spread in (True, False):  # b2 as a transposed view, as the backward passes weights
         got = torch.ops.moe_ops.group_rows_mm_sum(x.detach(), w.detach(), x2.detach(),
                                                   w2.detach().transpose(1, 2).contiguous()
                                                   .transpose(1, 2), ends, spread, block)

@@ -17,7 +17,8 @@ import torch
 # for every new product shape (2-15 ms each); grouped products run whole 64-row blocks
 # (moe/cpu_gemm.py), so group sizes that change every call still meet new row counts, fewer
 # and fewer, over about the first 50 calls, as over a training run's first 50 steps (one MoT
-# block in bfloat16: 38 ms of compiling per call over calls 8-23, 10 over 24-39, 0 from 56 on).
+# block in bfloat16: 38 ms of compiling per call over calls 8-23, 10 over 24-39, 6 over 40-55,
+# almost none after).
 # Timing after 8 calls would measure that one-time transient; after 48, the steady state.
 WARMUP = {torch.float32: 8, torch.float64: 8, torch.bfloat16: 48, torch.float16: 48}
 

@@ -68,7 +68,8 @@ def main(argv: list[str]) -> int:
     dense_cfg = ModelConfig(**common, layers="dense")
     mot_cfg = ModelConfig(**common, layers="mot", blocks={"mot": {"untie": "all"}})
     generator = torch.Generator().manual_seed(0)
-    dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
+    names = args.dtypes.split(",")
+    dtypes = [getattr(torch, name) for name in names]
     warmup = {dtype: warmup_calls(args.warmup, dtype) for dtype in dtypes}
     calls = max(warmup.values()) + args.repeats if args.layouts == "fresh" else 1
     layouts = [interleaved_runs(B, T, M, generator) for _ in range(calls)]
@@ -78,10 +79,10 @@ def main(argv: list[str]) -> int:
     print(f"one block, fwd+bwd, B={B} T={T} D={args.dim} heads={args.heads} "
           f"FFN={args.hidden}, {M} modalities, {args.layouts} layouts, "
           f"{torch.get_num_threads()} threads, warm-up calls "
-          + ", ".join(f"{d}: {w}" for d, w in zip(args.dtypes.split(","), warmup.values())))
+          + ", ".join(f"{n}: {w}" for n, w in zip(names, warmup.values())))
     print(f"{'dtype':<10}{'dense ms':>10}{'MoT ms':>10}{'mask-loop ms':>14}"
           f"{'MoT/dense':>11}{'MoT/loop':>10}")
-    for dtype_name, dtype in zip(args.dtypes.split(","), dtypes):
+    for dtype_name, dtype in zip(names, dtypes):
         torch.manual_seed(0)
         dense = TransformerLayer(dense_cfg, dense_cfg.layer_block(0)).to(dtype)
         mot = TransformerLayer(mot_cfg, mot_cfg.layer_block(0)).to(dtype)
