@@ -111,6 +111,64 @@ Tensor rotary_autograd(const Tensor& x, const Tensor& cos, const Tensor& sin, bo
   return Rotary::apply(x, cos, sin, transpose);
 }
 
+// qkv_heads -> (q, k, v); the backward writes the projection's gradient in one buffer. The
+// inputs are kept (not the outputs): the backward recomputes each head's norm statistics.
+class QkvHeads : public torch::autograd::Function<QkvHeads> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& qkv, const OptTensor& src,
+                               const OptTensor& group, const OptTensor& q_weight,
+                               const OptTensor& k_weight, const Tensor& cos, const Tensor& sin,
+                               int64_t heads, int64_t kv_heads, double eps) {
+    static auto fwd = op<std::tuple<Tensor, Tensor, Tensor>(
+        const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+        const Tensor&, const Tensor&, int64_t, int64_t, double)>("moe_ops::qkv_heads");
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [q, k, v] = fwd.call(qkv, src, group, q_weight, k_weight, cos, sin, heads, kv_heads,
+                              eps);
+    ctx->save_for_backward({qkv, src.value_or(Tensor()), group.value_or(Tensor()),
+                            q_weight.value_or(Tensor()), k_weight.value_or(Tensor()), cos, sin});
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["heads"] = heads;
+    ctx->saved_data["kv_heads"] = kv_heads;
+    return {q, k, v};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto bwd = op<std::tuple<Tensor, Tensor, Tensor>(
+        const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+        const OptTensor&, const OptTensor&, const OptTensor&, const Tensor&, const Tensor&,
+        double)>("moe_ops::qkv_heads_backward");
+    auto saved = ctx->get_saved_variables();
+    auto opt = [](const Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); };
+    const Tensor& qkv = saved[0];
+    const Tensor& cos = saved[5];
+    // an unused output's gradient: zeros; any layout with a contiguous last dimension is read
+    // in place (attention hands back (B, H, T, hd) gradients seen as (B, T, H, hd))
+    auto ready = [&](const Tensor& g, int64_t heads, const Tensor& like) {
+      if (!g.defined()) {
+        return at::zeros({cos.size(0), cos.size(1), heads, cos.size(2)}, like.options());
+      }
+      return g.stride(-1) == 1 ? g : g.contiguous();
+    };
+    const int64_t H = ctx->saved_data["heads"].toInt(), KV = ctx->saved_data["kv_heads"].toInt();
+    auto [gx, gqw, gkw] = bwd.call(ready(grads[0], H, cos), ready(grads[1], KV, cos),
+                                   ready(grads[2], KV, qkv), qkv, opt(saved[1]), opt(saved[2]),
+                                   opt(saved[3]), opt(saved[4]), cos, saved[6],
+                                   ctx->saved_data["eps"].toDouble());
+    const bool norm = saved[3].defined();
+    return {gx, Tensor(), Tensor(), norm ? gqw : Tensor(), norm ? gkw : Tensor(), Tensor(),
+            Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor> qkv_heads_autograd(
+    const Tensor& qkv, const OptTensor& src, const OptTensor& group, const OptTensor& q_weight,
+    const OptTensor& k_weight, const Tensor& cos, const Tensor& sin, int64_t heads,
+    int64_t kv_heads, double eps) {
+  auto out = QkvHeads::apply(qkv, src, group, q_weight, k_weight, cos, sin, heads, kv_heads, eps);
+  return {out[0], out[1], out[2]};
+}
+
 // ---- router (router_cpu.cpp) -------------------------------------------------------------
 
 // router_topk -> (scores, expert, weight, lse, prob_sum, entropy); expert and entropy carry no
@@ -381,6 +439,7 @@ TORCH_LIBRARY_IMPL(moe_ops, Autograd, m) {
   m.impl("rms_norm", &rms_norm_autograd);
   m.impl("swiglu", &swiglu_autograd);
   m.impl("rotary", &rotary_autograd);
+  m.impl("qkv_heads", &qkv_heads_autograd);
   m.impl("router_topk", &router_topk_autograd);
   m.impl("permute_rows", &permute_rows_autograd);
   m.impl("unpermute_rows", &unpermute_rows_autograd);

@@ -24,33 +24,10 @@
 #include <vector>
 
 #include "moe_rows_cpu.h"
+#include "moe_scalar.h"
 
 namespace moe_ops {
 namespace {
-
-#define FUSED_INLINE inline __attribute__((always_inline))
-
-template <typename T>
-using acc_of = at::opmath_type<T>;
-
-// Loads and stores through the accumulation type; bfloat16 by bit operations (moe_rows_cpu.h).
-template <typename T>
-FUSED_INLINE acc_of<T> load(const T* p, int64_t i) {
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    return rows::from_bf16(reinterpret_cast<const uint16_t*>(p)[i]);
-  } else {
-    return static_cast<acc_of<T>>(p[i]);
-  }
-}
-
-template <typename T, typename A>
-FUSED_INLINE void store(T* p, int64_t i, A v) {
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    reinterpret_cast<uint16_t*>(p)[i] = rows::to_bf16(static_cast<float>(v));
-  } else {
-    p[i] = static_cast<T>(v);
-  }
-}
 
 // ---- RMSNorm ---------------------------------------------------------------------------------
 

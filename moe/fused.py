@@ -3,11 +3,13 @@
     rms_norm(x, weight, eps, group_rows)  RMSNorm; weight (G, D) gives one row per group of rows
     swiglu(a, b)                          the SwiGLU gate silu(a) * b
     rotary(x, cos, sin)                   rotary embeddings, x (B, T, H, hd), cos/sin (B, T, 1, hd)
+    qkv_heads(qkv, H, KV, cos, sin, ...)  the attention's q, k, v from its fused projection: split,
+                                          QK-norm, rotary and (for grouped rows) sequence order
     router_topk(logits, k, ...)           router scores, top-k experts, weights (router_cpu.cpp)
 
 Each unfused form is a chain of 4-8 torch ops over the whole tensor (forward and backward); at a
 small model's sizes those passes cost about as much as its matmuls. The compiled CPU kernels
-(`csrc/fused_cpu.cpp`, `torch.ops.moe_ops`) make each one pass forward and one backward. They
+(`csrc/fused_cpu.cpp`, `csrc/qkv_cpu.cpp`, `torch.ops.moe_ops`) make each one pass forward and one backward. They
 run for CPU tensors when the extension is built; elsewhere (CUDA, no extension, float64 rows
 with float32 weights, ...) the reference runs, which is also the readable definition.
 """
@@ -48,6 +50,34 @@ def rotary_reference(x, cos, sin):
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+def _head_norm(x, weight, eps: float):
+    """RMSNorm of each head x (B, T, heads, hd) by per-position weights (B, T, 1, hd)."""
+    acc = _acc(x.dtype)
+    xf = x.to(acc)
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.to(acc)).to(x.dtype)
+
+
+def qkv_heads_reference(qkv, heads: int, kv_heads: int, cos, sin, q_weight=None, k_weight=None,
+                        eps: float = 1e-6, src=None, group=None):
+    """The attention's inputs from its fused projection. qkv (P, (heads + 2 kv_heads) hd) rows
+    (or (B, T, ...)), position p = b T + t reading row src[p] (row p without src) -> q (B, T,
+    heads, hd), k and v (B, T, kv_heads, hd): q and k RMS-normalised per head with weight row
+    group[p] of q_weight / k_weight (G, hd) or (hd,) (row 0 without group; no norm without
+    weights), then rotated by cos, sin (B, T, 1, hd)."""
+    B, T, _, hd = cos.shape
+    rows = qkv.reshape(B * T, -1)
+    if src is not None:
+        rows = rows[src]
+    q, k, v = rows.view(B, T, -1).split([heads * hd, kv_heads * hd, kv_heads * hd], dim=-1)
+    q, k = q.view(B, T, heads, hd), k.view(B, T, kv_heads, hd)
+    if q_weight is not None:
+        ids = torch.zeros(B * T, dtype=torch.long, device=qkv.device) if group is None else group
+        q = _head_norm(q, q_weight.view(-1, hd)[ids].view(B, T, 1, hd), eps)
+        k = _head_norm(k, k_weight.view(-1, hd)[ids].view(B, T, 1, hd), eps)
+    return rotary_reference(q, cos, sin), rotary_reference(k, cos, sin), \
+        v.reshape(B, T, kv_heads, hd)
+
+
 # ---- fake kernels (autograd: csrc/autograd.cpp) --------------------------------------------
 
 if AVAILABLE:
@@ -72,6 +102,18 @@ if AVAILABLE:
     @torch.library.register_fake("moe_ops::rotary")
     def _(x, cos, sin, transpose):
         return x.new_empty(x.shape, dtype=cos.dtype)
+
+    @torch.library.register_fake("moe_ops::qkv_heads")
+    def _(qkv, src, group, q_weight, k_weight, cos, sin, heads, kv_heads, eps):
+        B, T, hd = cos.shape
+        return (cos.new_empty(B, T, heads, hd), cos.new_empty(B, T, kv_heads, hd),
+                qkv.new_empty(B, T, kv_heads, hd))
+
+    @torch.library.register_fake("moe_ops::qkv_heads_backward")
+    def _(grad_q, grad_k, grad_v, qkv, src, group, q_weight, k_weight, cos, sin, eps):
+        if q_weight is None:
+            return torch.empty_like(qkv), qkv.new_empty(0), qkv.new_empty(0)
+        return torch.empty_like(qkv), torch.empty_like(q_weight), torch.empty_like(k_weight)
 
     @torch.library.register_fake("moe_ops::router_topk")
     def _(logits, bias, k, renormalize, sigmoid):
@@ -125,6 +167,33 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
         return rotary_reference(x, cos, sin)
     return ops.rotary(x, cos.reshape(B, T, hd).contiguous(), sin.reshape(B, T, hd).contiguous(),
                       False)
+
+
+def qkv_heads(qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Tensor,
+              sin: torch.Tensor, q_weight: torch.Tensor | None = None,
+              k_weight: torch.Tensor | None = None, eps: float = 1e-6,
+              src: torch.Tensor | None = None, group: torch.Tensor | None = None):
+    """`qkv_heads_reference` (same arguments and results) in one pass forward and one backward
+    where the compiled kernel runs, which writes the projection's gradient in one buffer."""
+    B, T, _, hd = cos.shape
+    width = (heads + 2 * kv_heads) * hd
+    weights_ok = q_weight is None and k_weight is None and group is None or (
+        q_weight is not None and k_weight is not None and q_weight.dtype == k_weight.dtype
+        and q_weight.shape == k_weight.shape and q_weight.shape[-1] == hd
+        and _pair_ok(qkv, q_weight) and not (group is None and q_weight.numel() != hd))
+    if not (weights_ok and _pair_ok(qkv, cos) and sin.dtype == cos.dtype
+            and sin.shape == cos.shape == (B, T, 1, hd) and hd % 2 == 0 and hd <= 1024
+            and not cos.requires_grad and not sin.requires_grad
+            and qkv.numel() == B * T * width and qkv.shape[-1] == width):
+        return qkv_heads_reference(qkv, heads, kv_heads, cos, sin, q_weight, k_weight, eps, src,
+                                   group)
+    if q_weight is not None:
+        q_weight, k_weight = q_weight.reshape(-1, hd), k_weight.reshape(-1, hd)
+    return ops.qkv_heads(qkv.reshape(B * T, width).contiguous(),
+                         None if src is None else src.reshape(-1).long().contiguous(),
+                         None if group is None else group.reshape(-1).long().contiguous(),
+                         q_weight, k_weight, cos.reshape(B, T, hd).contiguous(),
+                         sin.reshape(B, T, hd).contiguous(), heads, kv_heads, eps)
 
 
 def router_topk(logits: torch.Tensor, k: int, renormalize: bool, sigmoid: bool,

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from moe.grouping import Grouping
 from mot.config import AttentionConfig, ModelConfig
+from moe import fused
 from mot.layers import apply_rotary
 
 
@@ -179,27 +180,42 @@ class Attention(nn.Module):
         self.q_norm = block.build_norm(cfg, "qk_norm", cfg.head_dim) if cfg.qk_norm else None
         self.k_norm = block.build_norm(cfg, "qk_norm", cfg.head_dim) if cfg.qk_norm else None
 
+    def heads(self, qkv, groups, rope):
+        """The fused projection qkv, in the layout of `groups` ((B, T, W) or grouped rows (N, W)),
+        -> q (B, T, H, hd), k, v (B, T, KV, hd) in sequence order, q and k QK-normed and rotated.
+        With plain or grouped RMSNorms (or none), split, norms, rotation and the gathers into
+        sequence order are one compiled pass (`moe.fused.qkv_heads`); other norm modules run
+        on the split heads in the rows' layout."""
+        H, KV, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        cos, sin = rope
+        grouped = isinstance(groups, Grouping) and groups.grouped
+        src = groups.position if grouped else None  # position -> grouped row
+        if self.q_norm is None:
+            return fused.qkv_heads(qkv, H, KV, cos, sin, src=src)
+        if hasattr(self.q_norm, "head_norm_args") and hasattr(self.k_norm, "head_norm_args"):
+            q_weight, eps, ids = self.q_norm.head_norm_args(groups, qkv.dtype)
+            k_weight = self.k_norm.head_norm_args(groups, qkv.dtype)[0]
+            return fused.qkv_heads(qkv, H, KV, cos, sin, q_weight, k_weight, eps, src, ids)
+        rows = qkv.shape[:-1]  # (B, T), or (N,) grouped rows
+        q, k, v = qkv.split([H * hd, KV * hd, KV * hd], dim=-1)
+        q, k, v = q.view(*rows, H, hd), k.view(*rows, KV, hd), v.view(*rows, KV, hd)
+        q, k = self.q_norm(q, groups), self.k_norm(k, groups)
+        if grouped:
+            q, k, v = groups.to_sequence(q), groups.to_sequence(k), groups.to_sequence(v)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
     def forward(self, x, groups, rope, mask: AttentionMask, cache: KVCache | None = None,
                 layer: int = 0) -> torch.Tensor:
         """x in the layout of `groups`: (B, T, D), or (N, D) rows grouped by modality. Attention
         itself always runs in sequence order; only its projections see the grouped rows. With a
         `cache`, keys and values of earlier tokens are reused and this call's are appended."""
-        H, KV, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        rows = x.shape[:-1]  # (B, T), or (N,) grouped rows
-        q, k, v = self.wqkv(x, groups).split([H * hd, KV * hd, KV * hd], dim=-1)
-        q, k, v = q.view(*rows, H, hd), k.view(*rows, KV, hd), v.view(*rows, KV, hd)
-        if self.q_norm is not None:  # in the input's layout, where grouped norms are cheapest
-            q, k = self.q_norm(q, groups), self.k_norm(k, groups)
         grouped = isinstance(groups, Grouping) and groups.grouped
-        if grouped:
-            q, k, v = groups.to_sequence(q), groups.to_sequence(k), groups.to_sequence(v)
+        q, k, v = self.heads(self.wqkv(x, groups), groups, rope)  # (B, T, heads, hd)
         B, T = q.shape[:2]
-        cos, sin = rope
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, L + T, KV, hd)
         out = self.attend(q, k, v, mask, self.dropout if self.training else 0.0)  # (B,T,H,hd)
-        out = out.reshape(B, T, H * hd)
+        out = out.reshape(B, T, self.n_heads * self.head_dim)
         if grouped:
             out = groups.from_sequence(out)  # (N, H hd)
         return self.wo(out, groups)

@@ -36,6 +36,11 @@ class RMSNorm(nn.RMSNorm):
         eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
         return fused.rms_norm(x, self.weight, eps)
 
+    def head_norm_args(self, groups, dtype: torch.dtype):
+        """(weight, eps, group ids) for `moe.fused.qkv_heads` to apply this norm to heads of
+        `dtype`: one weight for every position, no ids."""
+        return self.weight, torch.finfo(dtype).eps if self.eps is None else self.eps, None
+
 
 class Rotary(nn.Module):
     """Rotary position embeddings (rotate-half form) for explicit position ids."""

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moe import fused
-from moe.grouping import Grouping, row_ids
+from moe.grouping import Grouping, check_ids, row_ids
 from moe.layers import GroupedLinear, GroupedSwiGLU
 from mot.blocks import BlockConfig, register_block
 from mot.config import check, check_positive
@@ -50,6 +50,12 @@ class GroupedRMSNorm(nn.Module):
         # x is (*ids.shape, [heads,] dim): broadcast the per-token weight over any middle dims
         weight = self.weight[ids].view(*ids.shape, *[1] * (x.dim() - ids.dim() - 1), self.dim)
         return F.rms_norm(x, (self.dim,), eps=self.eps) * weight
+
+    def head_norm_args(self, groups, dtype: torch.dtype):
+        """(weight, eps, group ids) for `moe.fused.qkv_heads`: the weight rows, and the group of
+        every position in sequence order."""
+        ids = groups.ids if isinstance(groups, Grouping) else check_ids(groups, self.num_groups)
+        return self.weight, self.eps, ids.reshape(-1)
 
     def group_slices(self):
         return [(self.weight, g, slice(g, g + 1)) for g in range(self.num_groups)]
