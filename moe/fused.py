@@ -9,9 +9,10 @@
 
 Each unfused form is a chain of 4-8 torch ops over the whole tensor (forward and backward); at a
 small model's sizes those passes cost about as much as its matmuls. The compiled CPU kernels
-(`csrc/fused_cpu.cpp`, `csrc/qkv_cpu.cpp`, `torch.ops.moe_ops`) make each one pass forward and one backward. They
-run for CPU tensors when the extension is built; elsewhere (CUDA, no extension, float64 rows
-with float32 weights, ...) the reference runs, which is also the readable definition.
+(`csrc/fused_cpu.cpp`, `csrc/qkv_cpu.cpp`, `torch.ops.moe_ops`) make each one pass forward and
+one backward. They run for CPU tensors when the extension is built; elsewhere (CUDA, no
+extension, float64 rows with float32 weights, ...) the reference runs, which is also the
+readable definition.
 """
 
 from __future__ import annotations

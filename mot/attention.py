@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moe import fused
 from moe.grouping import Grouping
 from mot.config import AttentionConfig, ModelConfig
-from moe import fused
 from mot.layers import apply_rotary
 
 
@@ -35,6 +35,17 @@ class AttentionMask:
     allowed: torch.Tensor | None = None
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int = 0
+    additive: dict = field(default_factory=dict, repr=False)  # dtype -> bias, see `bias`
+
+    def bias(self, dtype: torch.dtype) -> torch.Tensor:
+        """`allowed` as an additive mask (0 or -inf) of `dtype`, built once for all layers:
+        SDPA converts a boolean mask to this on every call, and its backward keeps each
+        layer's copy."""
+        if dtype not in self.additive:
+            self.additive[dtype] = torch.zeros(self.allowed.shape, dtype=dtype,
+                                               device=self.allowed.device).masked_fill_(
+                ~self.allowed, float("-inf"))
+        return self.additive[dtype]
 
 
 class KVCache:
@@ -129,7 +140,7 @@ def sdpa_attention(q, k, v, mask: AttentionMask, dropout: float = 0.0) -> torch.
     H, KV = q.shape[2], k.shape[2]
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        attn_mask=None if mask.causal else mask.allowed, is_causal=mask.causal,
+        attn_mask=None if mask.causal else mask.bias(q.dtype), is_causal=mask.causal,
         dropout_p=dropout, enable_gqa=H != KV)  # (B, H, T, hd)
     return out.transpose(1, 2)
 

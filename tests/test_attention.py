@@ -66,6 +66,16 @@ def test_sdpa_equals_reference(mode, with_docs, kv_heads, dtype):
                                atol=tol, rtol=tol)
 
 
+def test_mask_bias_is_built_once_per_dtype():
+    modality = torch.randint(0, 2, (2, 9))
+    doc = torch.randint(0, 3, (2, 9)).sort(dim=1).values
+    mask = build_mask(AttentionConfig(), modality, doc, [IMAGE])
+    bias = mask.bias(torch.float32)
+    assert mask.bias(torch.float32) is bias  # shared by every layer of the forward
+    assert torch.equal(bias == 0, mask.allowed) and torch.isneginf(bias[~mask.allowed]).all()
+    assert mask.bias(torch.bfloat16).dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("backend", ["sdpa", "reference"])
 def test_model_is_causal(backend):
     cfg = tiny_config(attention={"backend": backend})
