@@ -39,13 +39,7 @@ FUSED_INLINE void rms_forward_rows(const T* x, const W* w, T* y, acc_of<T>* rstd
   for (int64_t r = r0; r < r1; ++r) {
     const T* xr = x + r * D;
     T* yr = y + r * D;
-    A ss = A(0);
-#pragma omp simd reduction(+ : ss)
-    for (int64_t d = 0; d < D; ++d) {
-      const A v = load(xr, d);
-      ss += v * v;
-    }
-    const A inv = A(1) / std::sqrt(ss / A(D) + static_cast<A>(eps));
+    const A inv = inv_rms(xr, D, eps);
     rstd[r] = inv;
 #pragma omp simd
     for (int64_t d = 0; d < D; ++d) store(yr, d, (load(xr, d) * inv) * static_cast<A>(load(w, d)));

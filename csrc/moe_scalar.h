@@ -1,12 +1,14 @@
 // Scalar loads and stores of the fused CPU kernels (fused_cpu.cpp, qkv_cpu.cpp): every dtype
 // read into and written from its accumulation type (float32 for half precision, float64 for
-// double), bfloat16 by the bit operations of moe_rows_cpu.h, which vectorise.
+// double), bfloat16 by the bit operations of moe_rows_cpu.h, which vectorise; and a row's
+// inverse RMS.
 #pragma once
 
 #include <ATen/OpMathType.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 
@@ -47,6 +49,19 @@ FUSED_INLINE A round_as(A v) {
   } else {
     return static_cast<A>(static_cast<T>(v));
   }
+}
+
+// 1 / sqrt(mean(x^2) + eps) over one row of D values, summed in the accumulation type.
+template <typename T>
+FUSED_INLINE acc_of<T> inv_rms(const T* x, int64_t D, double eps) {
+  using A = acc_of<T>;
+  A ss = A(0);
+#pragma omp simd reduction(+ : ss)
+  for (int64_t d = 0; d < D; ++d) {
+    const A v = load(x, d);
+    ss += v * v;
+  }
+  return A(1) / std::sqrt(ss / A(D) + static_cast<A>(eps));
 }
 
 }  // namespace moe_ops

@@ -51,13 +51,7 @@ FUSED_INLINE void heads_forward(const T* x, const W* w, const C* c, const C* s, 
     const T* xr = x + h * hd;
     C* o = out + h * hd;
     if (w != nullptr) {
-      A ss = A(0);
-#pragma omp simd reduction(+ : ss)
-      for (int64_t d = 0; d < hd; ++d) {
-        const A v = load(xr, d);
-        ss += v * v;
-      }
-      const A inv = A(1) / std::sqrt(ss / A(hd) + static_cast<A>(eps));
+      const A inv = inv_rms(xr, hd, eps);
 #pragma omp simd
       for (int64_t d = 0; d < hd; ++d) {
         n[d] = round_as<T>((load(xr, d) * inv) * static_cast<A>(load(w, d)));
@@ -102,13 +96,7 @@ FUSED_INLINE void heads_backward(const C* g, int64_t gh, const T* x, const W* w,
       for (int64_t d = 0; d < hd; ++d) store(gxr, d, gn[d]);
       continue;
     }
-    A ss = A(0);
-#pragma omp simd reduction(+ : ss)
-    for (int64_t d = 0; d < hd; ++d) {
-      const A v = load(xr, d);
-      ss += v * v;
-    }
-    const A inv = A(1) / std::sqrt(ss / A(hd) + static_cast<A>(eps));
+    const A inv = inv_rms(xr, hd, eps);  // recomputed: cheaper than saving it
     A dot = A(0);
 #pragma omp simd reduction(+ : dot)
     for (int64_t d = 0; d < hd; ++d) {
