@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moe.grouping import Grouping
 from mot.config import ModelConfig
 
 
@@ -166,19 +167,25 @@ def modality_loss(heads: ModalityHeads, cfg: ModelConfig, hidden: torch.Tensor,
     lm_loss = hidden.new_zeros((), dtype=torch.float32)
     z_sum = hidden.new_zeros((), dtype=torch.float32)
     out = LossOutput(lm_loss, lm_loss, z_sum)
+    # Positions sorted by target modality (invalid ones last), stably: each modality's rows are
+    # one slice of a single gather whose gradient is the inverse gather (per-modality boolean
+    # indexing zero-fills and scatter-adds a full-size gradient per modality instead).
+    M = cfg.num_modalities
+    by_target = Grouping.from_ids(torch.where(valid, target_modality, M), M + 1)
+    counts = by_target.counts.tolist()
+    rows = by_target.permute(hidden).split(counts)  # (n_m, D) each
+    sorted_targets = targets[by_target.order].split(counts)
     for m, spec in enumerate(cfg.modalities):
-        if spec.continuous:
+        n = counts[m]
+        if spec.continuous or n == 0:
             continue
-        idx = ((target_modality == m) & valid).nonzero().squeeze(1)
-        if idx.numel() == 0:
-            continue
-        logits = heads(hidden[idx], m).float()  # (n_m, V_m)
-        ce = F.cross_entropy(logits, targets[idx], reduction="sum")
+        logits = heads(rows[m], m).float()  # (n_m, V_m)
+        ce = F.cross_entropy(logits, sorted_targets[m], reduction="sum")
         lm_loss = lm_loss + spec.loss_weight * ce
         if cfg.z_loss > 0:
             z_sum = z_sum + logits.logsumexp(dim=-1).pow(2).sum()
-        out.per_modality[spec.name] = ce.detach() / idx.numel()
-        out.tokens[spec.name] = idx.numel()
+        out.per_modality[spec.name] = ce.detach() / n
+        out.tokens[spec.name] = n
     out.lm_loss = lm_loss / n_valid
     out.z_loss = cfg.z_loss * z_sum / n_valid
     out.loss = out.lm_loss + out.z_loss
