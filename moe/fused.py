@@ -174,8 +174,9 @@ def qkv_heads(qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Tensor,
               sin: torch.Tensor, q_weight: torch.Tensor | None = None,
               k_weight: torch.Tensor | None = None, eps: float = 1e-6,
               src: torch.Tensor | None = None, group: torch.Tensor | None = None):
-    """`qkv_heads_reference` (same arguments and results) in one pass forward and one backward
-    where the compiled kernel runs, which writes the projection's gradient in one buffer."""
+    """`qkv_heads_reference` (same arguments and results) in one pass forward and one backward,
+    which writes the projection's gradient in one buffer; or None where the compiled kernel does
+    not run (then the caller composes the unfused ops: split, `rms_norm`, gathers, `rotary`)."""
     B, T, _, hd = cos.shape
     width = (heads + 2 * kv_heads) * hd
     weights_ok = q_weight is None and k_weight is None and group is None or (
@@ -186,8 +187,7 @@ def qkv_heads(qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Tensor,
             and sin.shape == cos.shape == (B, T, 1, hd) and hd % 2 == 0 and hd <= 1024
             and not cos.requires_grad and not sin.requires_grad
             and qkv.numel() == B * T * width and qkv.shape[-1] == width):
-        return qkv_heads_reference(qkv, heads, kv_heads, cos, sin, q_weight, k_weight, eps, src,
-                                   group)
+        return None
     if q_weight is not None:
         q_weight, k_weight = q_weight.reshape(-1, hd), k_weight.reshape(-1, hd)
     return ops.qkv_heads(qkv.reshape(B * T, width).contiguous(),

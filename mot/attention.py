@@ -195,22 +195,26 @@ class Attention(nn.Module):
         """The fused projection qkv, in the layout of `groups` ((B, T, W) or grouped rows (N, W)),
         -> q (B, T, H, hd), k, v (B, T, KV, hd) in sequence order, q and k QK-normed and rotated.
         With plain or grouped RMSNorms (or none), split, norms, rotation and the gathers into
-        sequence order are one compiled pass (`moe.fused.qkv_heads`); other norm modules run
-        on the split heads in the rows' layout."""
+        sequence order are one compiled pass (`moe.fused.qkv_heads`) where it runs; otherwise
+        (other norm modules, CUDA, no extension) the same steps run as separate ops."""
         H, KV, hd = self.n_heads, self.n_kv_heads, self.head_dim
         cos, sin = rope
         grouped = isinstance(groups, Grouping) and groups.grouped
         src = groups.position if grouped else None  # position -> grouped row
+        out = None
         if self.q_norm is None:
-            return fused.qkv_heads(qkv, H, KV, cos, sin, src=src)
-        if hasattr(self.q_norm, "head_norm_args") and hasattr(self.k_norm, "head_norm_args"):
+            out = fused.qkv_heads(qkv, H, KV, cos, sin, src=src)
+        elif hasattr(self.q_norm, "head_norm_args") and hasattr(self.k_norm, "head_norm_args"):
             q_weight, eps, ids = self.q_norm.head_norm_args(groups, qkv.dtype)
             k_weight = self.k_norm.head_norm_args(groups, qkv.dtype)[0]
-            return fused.qkv_heads(qkv, H, KV, cos, sin, q_weight, k_weight, eps, src, ids)
+            out = fused.qkv_heads(qkv, H, KV, cos, sin, q_weight, k_weight, eps, src, ids)
+        if out is not None:
+            return out
         rows = qkv.shape[:-1]  # (B, T), or (N,) grouped rows
         q, k, v = qkv.split([H * hd, KV * hd, KV * hd], dim=-1)
         q, k, v = q.view(*rows, H, hd), k.view(*rows, KV, hd), v.view(*rows, KV, hd)
-        q, k = self.q_norm(q, groups), self.k_norm(k, groups)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q, groups), self.k_norm(k, groups)
         if grouped:
             q, k, v = groups.to_sequence(q), groups.to_sequence(k), groups.to_sequence(v)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v

@@ -1,6 +1,7 @@
 """The attention's inputs in one pass (csrc/qkv_cpu.cpp): split, QK-norm, rotary and sequence
 order against `moe.fused.qkv_heads_reference` (values and gradients against float64 autograd),
-the dtypes of autocast, argument checks, registration, and the attention's two paths."""
+the dtypes of autocast, argument checks, registration, and the attention's q, k, v against the
+reference."""
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch
 from moe import fused, ops
 from moe.grouping import Grouping
 from mot.config import ModelConfig
-from mot.layers import Rotary, apply_rotary
+from mot.layers import Rotary
 from mot.model import TransformerLayer
 
 needs_kernels = pytest.mark.skipif(not ops.AVAILABLE, reason="moe._C was not built "
@@ -130,21 +131,10 @@ def test_qkv_heads_pass_opcheck():
         torch.library.opcheck(m.qkv_heads_backward, grads + fwd[:7] + (1e-5,))
 
 
-def unfused_heads(attn, qkv, groups, rope):
-    """The attention's inputs as the plain chain of modules: split, norms, gathers, rotary."""
-    H, KV, hd = attn.n_heads, attn.n_kv_heads, attn.head_dim
-    rows = qkv.shape[:-1]
-    q, k, v = qkv.split([H * hd, KV * hd, KV * hd], dim=-1)
-    q, k, v = q.view(*rows, H, hd), k.view(*rows, KV, hd), v.view(*rows, KV, hd)
-    q, k = attn.q_norm(q, groups), attn.k_norm(k, groups)
-    if isinstance(groups, Grouping) and groups.grouped:
-        q, k, v = groups.to_sequence(q), groups.to_sequence(k), groups.to_sequence(v)
-    return apply_rotary(q, *rope), apply_rotary(k, *rope), v
-
-
 @pytest.mark.parametrize("layers,untie,grouped", [("dense", None, False), ("mot", "ffn", True),
                                                   ("mot", "all", True), ("mot", "all", False)])
-def test_attention_heads_equal_the_unfused_chain(layers, untie, grouped):
+def test_attention_heads_equal_the_reference(layers, untie, grouped):
+    # the attention's q, k, v: the compiled pass where built, else the chain of separate ops
     mods = [{"name": n, "vocab_size": 8} for n in ("text", "image", "audio")]
     cfg = ModelConfig(modalities=mods, dim=32, n_heads=4, n_kv_heads=2, n_layers=1,
                       max_seq_len=16, layers=layers,
@@ -160,14 +150,20 @@ def test_attention_heads_equal_the_unfused_chain(layers, untie, grouped):
     qkv = torch.randn(*rows, attn.wqkv(torch.zeros(*rows, 32), groups).shape[-1])
     rope = Rotary(cfg.head_dim, cfg.rope_theta)(torch.arange(T).expand(B, T), torch.float32)
     params = [attn.q_norm.weight, attn.k_norm.weight]
+    per_modality = attn.q_norm.weight.dim() == 2
+    reference = dict(heads=4, kv_heads=2, cos=rope[0], sin=rope[1], eps=cfg.norm_eps,
+                     src=groups.position if grouped else None,
+                     group=modality.reshape(-1) if per_modality else None)
 
     def grads(fn):
         x = qkv.clone().requires_grad_()
-        out = fn(attn, x, groups, rope)
+        out = fn(x)
         g = torch.Generator().manual_seed(1)
         loss = sum((o * torch.randn(o.shape, generator=g)).sum() for o in out)
         return out, torch.autograd.grad(loss, [x] + params)
 
-    (out, got), (want, want_grads) = grads(type(attn).heads), grads(unfused_heads)
+    out, got = grads(lambda x: attn.heads(x, groups, rope))
+    want, want_grads = grads(lambda x: fused.qkv_heads_reference(
+        x, q_weight=params[0], k_weight=params[1], **reference))
     for a, b in zip(out + got, want + want_grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
