@@ -12,7 +12,8 @@ small model's sizes those passes cost about as much as its matmuls. The compiled
 (`csrc/fused_cpu.cpp`, `csrc/qkv_cpu.cpp`, `torch.ops.moe_ops`) make each one pass forward and
 one backward. They run for CPU tensors when the extension is built; elsewhere (CUDA, no
 extension, float64 rows with float32 weights, ...) the reference runs, which is also the
-readable definition.
+readable definition, except for `qkv_heads` and `router_topk`, which return None there so that
+the caller composes its usual separate ops.
 """
 
 from __future__ import annotations
