@@ -20,7 +20,8 @@ def extensions():
 
     flags = ["-O3", "-fopenmp", "-std=c++20"]
     sources = ["csrc/moe_ops.cpp", "csrc/fused_cpu.cpp", "csrc/qkv_cpu.cpp",
-               "csrc/router_cpu.cpp", "csrc/group_gemm_cpu.cpp", "csrc/autograd.cpp"]
+               "csrc/router_cpu.cpp", "csrc/group_gemm_cpu.cpp", "csrc/swiglu_ffn_cpu.cpp",
+               "csrc/autograd.cpp"]
     with_cuda = (os.environ.get("MOE_NO_CUDA") != "1" and torch.version.cuda is not None
                  and cpp_extension.CUDA_HOME is not None)
     if with_cuda:

@@ -362,6 +362,16 @@ Tensor swiglu_ffn(const Tensor& x, const Tensor& w1, const Tensor& w3, const Ten
   return rows.call(*h, w2, ends, true, block);  // (N, D_out)
 }
 
+// With block 1 (exact rows: float32 / float64) the forward and backward are the fused
+// piece-by-piece kernels of csrc/swiglu_ffn_cpu.cpp, which keep h out of memory; in half precision
+// the passes above, on whole 64-row blocks.
+auto& fused_forward() {
+  static auto forward = op<std::tuple<Tensor, Tensor, Tensor>(
+      const Tensor&, const Tensor&, const Tensor&, const Tensor&, c10::IntArrayRef)>(
+      "moe_ops::grouped_swiglu_forward");
+  return forward;
+}
+
 class GroupedSwiglu : public torch::autograd::Function<GroupedSwiglu> {
  public:
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& w1,
@@ -369,7 +379,13 @@ class GroupedSwiglu : public torch::autograd::Function<GroupedSwiglu> {
                         int64_t block) {
     at::AutoDispatchBelowADInplaceOrView below;
     Tensor gate, up, h;
-    Tensor y = swiglu_ffn(x, w1, w3, w2, ends, block, &gate, &up, &h);
+    Tensor y;
+    if (block == 1) {  // exact rows (float32 / float64): every step fused piece by piece
+      std::tie(y, gate, up) = fused_forward().call(x, w1, w3, w2, ends);
+      h = Tensor();  // recomputed by the fused backward
+    } else {
+      y = swiglu_ffn(x, w1, w3, w2, ends, block, &gate, &up, &h);
+    }
     ctx->save_for_backward({x, w1, w3, w2, gate, up, h});
     ctx->saved_data["ends"] = ends.vec();
     ctx->saved_data["block"] = block;
@@ -391,6 +407,21 @@ class GroupedSwiglu : public torch::autograd::Function<GroupedSwiglu> {
     auto ends = ctx->saved_data["ends"].toIntVector();
     const int64_t block = ctx->saved_data["block"].toInt();
     Tensor grad = grads[0].contiguous(), grad_x, grad_w1, grad_w3, grad_w2;
+    if (block == 1) {
+      static auto fused = op<std::tuple<Tensor, Tensor, Tensor, Tensor>(
+          const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+          const Tensor&, const Tensor&, c10::IntArrayRef, c10::IntArrayRef)>(
+          "moe_ops::grouped_swiglu_backward");
+      std::vector<int64_t> needs;
+      for (int i = 0; i < 4; ++i) needs.push_back(ctx->needs_input_grad(i) ? 1 : 0);
+      std::tie(grad_x, grad_w1, grad_w3, grad_w2) =
+          fused.call(grad, x, w1, w3, w2, saved[4], saved[5], ends, needs);
+      auto kept = [&](Tensor& t, int i) {
+        if (!ctx->needs_input_grad(i)) t = Tensor();
+      };
+      kept(grad_x, 0), kept(grad_w1, 1), kept(grad_w3, 2), kept(grad_w2, 3);
+      return {grad_x, grad_w1, grad_w3, grad_w2, Tensor(), Tensor()};
+    }
     if (ctx->needs_input_grad(3)) grad_w2 = inner.call(saved[6], grad, ends, true, block);
     if (ctx->needs_input_grad(0) || ctx->needs_input_grad(1) || ctx->needs_input_grad(2)) {
       Tensor grad_h = rows.call(grad, w2.transpose(1, 2), ends, true, block);
@@ -418,6 +449,7 @@ Tensor grouped_swiglu_autograd(const Tensor& x, const Tensor& w1, const Tensor& 
 
 Tensor grouped_swiglu_plain(const Tensor& x, const Tensor& w1, const Tensor& w3,
                             const Tensor& w2, c10::IntArrayRef ends, int64_t block) {
+  if (block == 1) return std::get<0>(fused_forward().call(x, w1, w3, w2, ends));
   Tensor gate, up, h;
   return swiglu_ffn(x, w1, w3, w2, ends, block, &gate, &up, &h);
 }

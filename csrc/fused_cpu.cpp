@@ -25,6 +25,7 @@
 
 #include "moe_rows_cpu.h"
 #include "moe_scalar.h"
+#include "moe_swiglu.h"
 
 namespace moe_ops {
 namespace {
@@ -70,42 +71,6 @@ FUSED_INLINE void rms_backward_rows(const T* g, const T* x, const W* w, const ac
       const A xv = load(xr, d);
       store(gxr, d, inv * (load(gr, d) * static_cast<A>(load(w, d)) - xv * inv * c));
     }
-  }
-}
-
-// ---- SwiGLU ----------------------------------------------------------------------------------
-
-template <typename A>
-FUSED_INLINE A sigmoid(A v) {
-  if constexpr (std::is_same_v<A, float>) {
-    return 1.f / (1.f + rows::exp_f32(-v));
-  } else {
-    return A(1) / (A(1) + std::exp(-v));
-  }
-}
-
-template <typename T>
-FUSED_INLINE void swiglu_forward_range(const T* a, const T* b, T* h, int64_t i0, int64_t i1) {
-  using A = acc_of<T>;
-#pragma omp simd
-  for (int64_t i = i0; i < i1; ++i) {
-    const A av = load(a, i);
-    store(h, i, av * sigmoid(av) * load(b, i));
-  }
-}
-
-template <typename T>
-FUSED_INLINE void swiglu_backward_range(const T* g, const T* a, const T* b, T* ga, T* gb,
-                                        int64_t i0, int64_t i1) {
-  using A = acc_of<T>;
-#pragma omp simd
-  for (int64_t i = i0; i < i1; ++i) {
-    const A av = load(a, i);
-    const A gv = load(g, i);
-    const A s = sigmoid(av);
-    const A silu = av * s;
-    store(gb, i, gv * silu);
-    store(ga, i, gv * load(b, i) * (s + silu * (A(1) - s)));
   }
 }
 

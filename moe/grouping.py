@@ -247,6 +247,21 @@ def _register_grouped_mm_flops() -> None:
         def _inner2_flops(a_shape, b_shape, b2_shape, ends, *args, **kwargs) -> int:
             return 2 * (ends[-1] if ends else 0) * a_shape[1] * (b_shape[1] + b2_shape[1])
 
+        # the fused SwiGLU FFN (float32 / float64): its products, as the separate kernels count
+        @flop_counter.register_flop_formula(torch.ops.moe_ops.grouped_swiglu_forward)
+        def _ffn_flops(x_shape, w1_shape, w3_shape, w2_shape, ends, *args, **kwargs) -> int:
+            D, H, Do = x_shape[1], w1_shape[2], w2_shape[2]
+            return 2 * (ends[-1] if ends else 0) * (2 * D * H + H * Do)
+
+        @flop_counter.register_flop_formula(torch.ops.moe_ops.grouped_swiglu_backward)
+        def _ffn_backward_flops(grad_shape, x_shape, w1_shape, w3_shape, w2_shape, gate_shape,
+                                up_shape, ends, needs, *args, **kwargs) -> int:
+            D, H, Do = x_shape[1], w1_shape[2], w2_shape[2]
+            need_x, need_w1, need_w3, need_w2 = (bool(n) for n in needs)
+            products = (need_x or need_w1 or need_w3) * H * Do + need_w2 * H * Do \
+                + need_x * 2 * H * D + (need_w1 + need_w3) * D * H
+            return 2 * (ends[-1] if ends else 0) * products
+
     op = getattr(torch.ops.aten, "_grouped_mm", None)
     if op is None or op in flop_counter.flop_registry:
         return

@@ -155,6 +155,16 @@ if AVAILABLE:
         return (a.new_empty(len(ends), a.shape[1], b.shape[1]),
                 a.new_empty(len(ends), a.shape[1], b2.shape[1]))
 
+    @torch.library.register_fake("moe_ops::grouped_swiglu_forward")
+    def _(x, w1, w3, w2, ends):
+        N, H = x.shape[0], w1.shape[2]
+        return x.new_empty(N, w2.shape[2]), x.new_empty(N, H), x.new_empty(N, H)
+
+    @torch.library.register_fake("moe_ops::grouped_swiglu_backward")
+    def _(grad, x, w1, w3, w2, gate, up, ends, needs):
+        return tuple(t.new_empty(t.shape) if need else x.new_empty(0)
+                     for t, need in zip((x, w1, w3, w2), needs))
+
 
 def _compiled(t: torch.Tensor) -> bool:
     if not AVAILABLE:
