@@ -140,8 +140,9 @@ def grouped_swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torc
                    offsets: torch.Tensor) -> torch.Tensor | None:
     """The whole grouped SwiGLU FFN as one compiled op with one C++ autograd node
     (`moe_ops::grouped_swiglu`: the same products as three `split_grouped_linear` calls and the
-    fused swiglu, the input gradient of the gate and up products summed in one pass); None where
-    it does not apply (no compiled kernels, or not every tensor of x's dtype on CPU)."""
+    fused swiglu, the input gradient of the gate and up products summed in one pass; in float32 /
+    float64 every step run group by group within each thread, csrc/swiglu_ffn_cpu.cpp); None
+    where it does not apply (no compiled kernels, or not every tensor of x's dtype on CPU)."""
     if not _compiled or not all(applies(x, w) for w in (w1, w3, w2)):
         return None
     return torch.ops.moe_ops.grouped_swiglu(x.contiguous(), w1, w3, w2, offsets.tolist(),
