@@ -15,6 +15,7 @@ needs_kernels = pytest.mark.skipif(not ops.AVAILABLE,
 
 SIZES = [
     [100, 90, 110, 95],        # cut between threads inside a group
+    [2100, 64, 63],            # one group over most of the rows
     [70, 0, 3, 130, 1],        # empty and one-row groups
     [0, 0, 0],                 # no rows at all
     [300],                     # one group over every thread
@@ -54,6 +55,7 @@ def threads(request):
 def test_fused_forward_and_backward_equal_the_loop(sizes, threads):
     (x, w1, w3, w2), ends = case(sizes)
     n = ends[-1]
+    x[n:] = float("nan")  # rows past the groups are never read
     y, gate, up = torch.ops.moe_ops.grouped_swiglu_forward(x, w1, w3, w2, ends)
     inputs = [t.clone().requires_grad_() for t in (x, w1, w3, w2)]
     ry, rgate, rup = loop(inputs[0][:n], *inputs[1:], ends)
@@ -61,10 +63,12 @@ def test_fused_forward_and_backward_equal_the_loop(sizes, threads):
         torch.testing.assert_close(got[:n], want.detach(), rtol=1e-12, atol=1e-12)
         assert torch.equal(got[n:], got.new_zeros(got.shape[0] - n, got.shape[1]))
     grad = torch.randn_like(y)
+    grad[n:] = float("nan")
     got = torch.ops.moe_ops.grouped_swiglu_backward(grad, x, w1, w3, w2, gate, up, ends,
                                                     [1, 1, 1, 1])
     want = torch.autograd.grad(ry, inputs, grad[:n], allow_unused=True)
     want = [torch.zeros_like(t) if w is None else w for t, w in zip(inputs, want)]
+    want[0] = torch.cat([want[0][:n], want[0].new_zeros(x.shape[0] - n, x.shape[1])])
     for g, w in zip(got, want):  # x's gradient is zero past the groups, empty groups' zero
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
 
