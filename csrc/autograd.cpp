@@ -381,8 +381,7 @@ class GroupedSwiglu : public torch::autograd::Function<GroupedSwiglu> {
     Tensor gate, up, h;
     Tensor y;
     if (block == 1) {  // exact rows (float32 / float64): every step fused piece by piece
-      std::tie(y, gate, up) = fused_forward().call(x, w1, w3, w2, ends);
-      h = Tensor();  // recomputed by the fused backward
+      std::tie(y, gate, up) = fused_forward().call(x, w1, w3, w2, ends);  // h: recomputed
     } else {
       y = swiglu_ffn(x, w1, w3, w2, ends, block, &gate, &up, &h);
     }

@@ -158,56 +158,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_swiglu_backwa
   std::vector<std::vector<Share>> shares(runs.size());
   for_runs(runs, [&](int64_t r, const std::vector<Piece>& run) {
     const int64_t most = most_rows(run);
-    auto gh = at::empty({most, H}, x.options());  // grad_h, then grad_gate over it
+    // grad_h, then grad_gate over it
+    auto gh = need_gate ? at::empty({most, H}, x.options()) : at::Tensor();
     auto gu = need_gate ? at::empty({most, H}, x.options()) : at::Tensor();
     auto h = need_w2 ? at::empty({most, H}, x.options()) : at::Tensor();
-    at::Tensor t1, t3, t2;  // where this piece's weight gradients go
-    for (size_t i = 0; i < run.size(); ++i) {
-      const Piece& p = run[i];
+    // exact rows: a run holds at most one piece of each group
+    for (const Piece& p : run) {
       const int64_t g = p.group, n = p.end - p.start;
-      // the first piece of a group writes, later pieces of it in this run add
-      const bool more = i > 0 && run[i - 1].group == g;
-      if (!more && p.start == spans[g].start) {
-        t1 = need_w1 ? grad_w1[g] : at::Tensor();
-        t3 = need_w3 ? grad_w3[g] : at::Tensor();
-        t2 = need_w2 ? grad_w2[g] : at::Tensor();
-      } else if (!more) {
-        t1 = need_w1 ? at::empty({D, H}, x.options()) : at::Tensor();
-        t3 = need_w3 ? at::empty({D, H}, x.options()) : at::Tensor();
-        t2 = need_w2 ? at::empty({H, w2.size(2)}, x.options()) : at::Tensor();
+      // weight gradients: the run holding the group's first rows writes them, another its share
+      at::Tensor t1, t3, t2;
+      if (p.start == spans[g].start) {
+        if (need_w1) t1 = grad_w1[g];
+        if (need_w3) t3 = grad_w3[g];
+        if (need_w2) t2 = grad_w2[g];
+      } else {
+        if (need_w1) t1 = at::empty({D, H}, x.options());
+        if (need_w3) t3 = at::empty({D, H}, x.options());
+        if (need_w2) t2 = at::empty({H, w2.size(2)}, x.options());
         shares[r].push_back({g, t1, t3, t2});
       }
-      auto add = [more](at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
-        if (more) {
-          out.addmm_(a, b);
-        } else {
-          at::mm_out(out, a, b);
-        }
-      };
       auto xs = x.narrow(0, p.start, n), gr = grad.narrow(0, p.start, n);
-      auto ghs = gh.narrow(0, 0, n);
+      auto ghs = need_gate ? gh.narrow(0, 0, n) : at::Tensor();
       auto gus = need_gate ? gu.narrow(0, 0, n) : at::Tensor();
       auto hs = need_w2 ? h.narrow(0, 0, n) : at::Tensor();
       if (need_gate) at::mm_out(ghs, gr, w2[g].t());
-      if (need_gate || need_w2) AT_DISPATCH_FLOATING_TYPES(x.scalar_type(),
-                                                           "grouped_swiglu_backward", [&] {
-        const scalar_t* a = gate.data_ptr<scalar_t>() + p.start * H;
-        const scalar_t* b = up.data_ptr<scalar_t>() + p.start * H;
-        scalar_t* hp = need_w2 ? hs.data_ptr<scalar_t>() : nullptr;
-        if (need_gate) {
-          gate_backward(ghs.data_ptr<scalar_t>(), a, b, gus.data_ptr<scalar_t>(), hp, n * H);
-        } else {
-          gate_forward(a, b, hp, n * H);
-        }
-      });
-      if (need_w2) add(t2, hs.t(), gr);
+      if (need_gate || need_w2) {
+        AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "grouped_swiglu_backward", [&] {
+          const scalar_t* a = gate.data_ptr<scalar_t>() + p.start * H;
+          const scalar_t* b = up.data_ptr<scalar_t>() + p.start * H;
+          scalar_t* hp = need_w2 ? hs.data_ptr<scalar_t>() : nullptr;
+          if (need_gate) {
+            gate_backward(ghs.data_ptr<scalar_t>(), a, b, gus.data_ptr<scalar_t>(), hp, n * H);
+          } else {
+            gate_forward(a, b, hp, n * H);
+          }
+        });
+      }
+      if (need_w2) at::mm_out(t2, hs.t(), gr);
       if (need_x) {
         auto gxs = grad_x.narrow(0, p.start, n);
         at::mm_out(gxs, ghs, w1[g].t());
         gxs.addmm_(gus, w3[g].t());
       }
-      if (need_w1) add(t1, xs.t(), ghs);
-      if (need_w3) add(t3, xs.t(), gus);
+      if (need_w1) at::mm_out(t1, xs.t(), ghs);
+      if (need_w3) at::mm_out(t3, xs.t(), gus);
     }
   });
   for (const auto& run_shares : shares) {
