@@ -453,17 +453,78 @@ Tensor grouped_swiglu_plain(const Tensor& x, const Tensor& w1, const Tensor& w3,
   return swiglu_ffn(x, w1, w3, w2, ends, block, &gate, &up, &h);
 }
 
+// routed_swiglu(x (N, D), w1, w3, w2, order, inverse, weights (S,), ends, k) -> (N, D_out): an
+// MoE's experts with the dispatch's gather and combine in the same kernels (float32 / float64,
+// csrc/swiglu_ffn_cpu.cpp): permute_rows, grouped_swiglu and the weighted unpermute_rows as one
+// node, whose backward gathers the output gradient piece by piece and takes the combine
+// weights' gradient from h (recomputed there) instead of from saved expert outputs. Neither
+// the permuted rows nor the expert outputs are kept for the backward.
+auto& routed_forward() {
+  static auto forward = op<std::tuple<Tensor, Tensor, Tensor>(
+      const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+      const Tensor&, c10::IntArrayRef, int64_t)>("moe_ops::routed_swiglu_forward");
+  return forward;
+}
+
+class RoutedSwiglu : public torch::autograd::Function<RoutedSwiglu> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& w1,
+                        const Tensor& w3, const Tensor& w2, const Tensor& order,
+                        const Tensor& inverse, const Tensor& weights, c10::IntArrayRef ends,
+                        int64_t k) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [y, gate, up] = routed_forward().call(x, w1, w3, w2, order, inverse, weights, ends, k);
+    ctx->save_for_backward({x, w1, w3, w2, gate, up, order, inverse, weights});
+    ctx->saved_data["ends"] = ends.vec();
+    ctx->saved_data["k"] = k;
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto fused = op<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
+        const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+        const Tensor&, const Tensor&, const Tensor&, const Tensor&, c10::IntArrayRef, int64_t,
+        c10::IntArrayRef)>("moe_ops::routed_swiglu_backward");
+    auto s = ctx->get_saved_variables();
+    // inputs 0-3 and 6: x, w1, w3, w2, weights; the kernel's flags: x, weights, w1, w3, w2
+    const std::vector<int64_t> needs = {ctx->needs_input_grad(0), ctx->needs_input_grad(6),
+                                        ctx->needs_input_grad(1), ctx->needs_input_grad(2),
+                                        ctx->needs_input_grad(3)};
+    auto [gx, gw, g1, g3, g2] =
+        fused.call(grads[0].contiguous(), s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8],
+                   ctx->saved_data["ends"].toIntVector(), ctx->saved_data["k"].toInt(), needs);
+    auto kept = [&](Tensor t, int i) { return ctx->needs_input_grad(i) ? t : Tensor(); };
+    return {kept(gx, 0), kept(g1, 1),  kept(g3, 2), kept(g2, 3), Tensor(),
+            Tensor(),    kept(gw, 6), Tensor(),    Tensor()};
+  }
+};
+
+Tensor routed_swiglu_autograd(const Tensor& x, const Tensor& w1, const Tensor& w3,
+                              const Tensor& w2, const Tensor& order, const Tensor& inverse,
+                              const Tensor& weights, c10::IntArrayRef ends, int64_t k) {
+  return RoutedSwiglu::apply(x, w1, w3, w2, order, inverse, weights, ends, k);
+}
+
+Tensor routed_swiglu_plain(const Tensor& x, const Tensor& w1, const Tensor& w3,
+                           const Tensor& w2, const Tensor& order, const Tensor& inverse,
+                           const Tensor& weights, c10::IntArrayRef ends, int64_t k) {
+  return std::get<0>(routed_forward().call(x, w1, w3, w2, order, inverse, weights, ends, k));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(moe_ops, m) {
   m.def("group_mm(Tensor a, Tensor b, int[] ends, int block) -> Tensor");
   m.def("grouped_swiglu(Tensor x, Tensor w1, Tensor w3, Tensor w2, int[] ends, int block) "
         "-> Tensor");
+  m.def("routed_swiglu(Tensor x, Tensor w1, Tensor w3, Tensor w2, Tensor order, Tensor inverse, "
+        "Tensor weights, int[] ends, int k) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moe_ops, CompositeExplicitAutograd, m) {
   m.impl("group_mm", &group_mm_plain);
   m.impl("grouped_swiglu", &grouped_swiglu_plain);
+  m.impl("routed_swiglu", &routed_swiglu_plain);
 }
 
 TORCH_LIBRARY_IMPL(moe_ops, Autograd, m) {
@@ -476,6 +537,7 @@ TORCH_LIBRARY_IMPL(moe_ops, Autograd, m) {
   m.impl("unpermute_rows", &unpermute_rows_autograd);
   m.impl("group_mm", &group_mm_autograd);
   m.impl("grouped_swiglu", &grouped_swiglu_autograd);
+  m.impl("routed_swiglu", &routed_swiglu_autograd);
 }
 
 }  // namespace moe_ops

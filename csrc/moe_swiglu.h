@@ -1,6 +1,6 @@
 // The SwiGLU gate silu(a) * b and its gradient, element by element, in the accumulation type:
 // the loops of the fused swiglu op (fused_cpu.cpp) and of the fused grouped SwiGLU FFN
-// (swiglu_ffn_cpu.cpp).
+// (swiglu_ffn_cpu.cpp), with the routed FFN's weighted variant.
 #pragma once
 
 #include <cmath>
@@ -49,6 +49,32 @@ FUSED_INLINE void swiglu_backward_range(const T* g, const T* a, const T* b, T* g
     store(ga, i, gv * bv * (s + silu * (A(1) - s)));
     if constexpr (WithH) store(h, i, silu * bv);
   }
+}
+
+// The routed FFN's backward over one row of n elements, whose output is combined with weight w:
+// g holds grad_h before the weight (the output gradient's row times w2^T). Writes grad_a over g
+// and grad_b for grad_h = w g, and hw = w h (the down product's input as its weight gradient
+// needs it); returns <g, h>, the gradient of w (y = w h w2, so <grad_y, h w2> = <grad_y w2^T, h>).
+template <typename T>
+FUSED_INLINE acc_of<T> swiglu_backward_weighted(T* g, const T* a, const T* b, T* gb, T* hw,
+                                                int64_t n, acc_of<T> w) {
+  using A = acc_of<T>;
+  A dot = A(0);
+#pragma omp simd reduction(+ : dot)
+  for (int64_t i = 0; i < n; ++i) {
+    const A av = load(a, i);
+    const A bv = load(b, i);
+    const A gv = load(g, i);
+    const A s = sigmoid(av);
+    const A silu = av * s;
+    const A hv = silu * bv;
+    dot += gv * hv;
+    const A gw = gv * w;
+    store(gb, i, gw * silu);
+    store(g, i, gw * bv * (s + silu * (A(1) - s)));
+    store(hw, i, hv * w);
+  }
+  return dot;
 }
 
 }  // namespace moe_ops

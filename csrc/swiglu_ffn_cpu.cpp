@@ -5,6 +5,13 @@
 //       -> y (N, Do), gate (N, H), up (N, H)       rows of group g: (silu(x w1[g]) * x w3[g]) w2[g]
 //   grouped_swiglu_backward(grad (N, Do), x, w1, w3, w2, gate, up, ends, needs [4])
 //       -> grad_x, grad_w1, grad_w3, grad_w2       (an empty tensor where needs[i] is false)
+//   routed_swiglu_forward(x (N, D), w1, w3, w2, order, inverse, weights (S,), ends, k)
+//       -> y (N, Do), gate, up (kept, H)           an MoE's experts between its dispatch and
+//                                                  combine: y[t] = sum over t's kept slots of
+//                                                  weights[slot] * FFN_group(x[t])
+//   routed_swiglu_backward(grad (N, Do), x, w1, w3, w2, gate, up, order, inverse, weights,
+//                          ends, k, needs [5]) -> grad_x, grad_weights (S,), grad_w1, grad_w3,
+//                                                 grad_w2
 //
 // Rows are shared out among the threads as by the grouped products (moe_group_plan.h, exact
 // rows: one stretch of about equal rows per thread), and each thread runs all steps of the FFN
@@ -19,19 +26,33 @@
 // weight gradients in the thread that holds its first rows; the other thread's share is added
 // afterwards. Rows past the last end give zeros.
 //
+// The routed ops take the token rows and the dispatch's layout (moe_ops::sort_by_group: grouped
+// row r is slot order[r] of token order[r] / k, kept = the last end) instead of permuted rows:
+// each thread copies a piece's token rows into its own buffer just before the products that
+// read them, and the forward ends with the weighted unpermute_rows. The backward gathers the
+// output gradient's rows the same way, unweighted, and applies each row's combine weight in the
+// element-wise pass, which also gives the weight's gradient as <grad_y w2^T, h> (= <grad_y,
+// expert output>) from the h it recomputes; the rows' input gradients are summed per token by
+// unpermute_rows. So neither the permuted rows nor the expert outputs are kept for the
+// backward: at bench moe's size an MoE layer saves 120 MiB for it instead of 152.
+//
 // Half precision keeps the separate passes of csrc/autograd.cpp, whose products run whole
 // 64-row blocks (group_gemm_cpu.cpp) that pieces of exact rows would not. The readable
 // definition is the per-group loop `GroupedSwiGLU.ffn(reference=True)` (moe/layers.py).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstring>
+#include <optional>
 #include <tuple>
 #include <vector>
 
 #include "moe_group_plan.h"
+#include "moe_index.h"
 #include "moe_swiglu.h"
 
 namespace moe_ops {
@@ -67,6 +88,18 @@ MOE_CLONES void gate_backward(float* g, const float* a, const float* b, float* g
   }
 }
 
+// The routed backward's pass over one row (moe_swiglu.h): returns the combine weight's gradient.
+template <typename T>
+acc_of<T> gate_backward_weighted(T* g, const T* a, const T* b, T* gb, T* hw, int64_t n,
+                                 acc_of<T> w) {
+  return swiglu_backward_weighted<T>(g, a, b, gb, hw, n, w);
+}
+
+MOE_CLONES float gate_backward_weighted(float* g, const float* a, const float* b, float* gb,
+                                        float* hw, int64_t n, float w) {
+  return swiglu_backward_weighted<float>(g, a, b, gb, hw, n, w);
+}
+
 void check_ffn(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w3,
                const at::Tensor& w2, at::IntArrayRef ends) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() &&
@@ -90,22 +123,53 @@ int64_t most_rows(const std::vector<Piece>& run) {
   return most;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_swiglu_forward_cpu(
+// How the rows of a routed FFN (an MoE's top-k dispatch) reach it: grouped row r is the row of
+// token order[r] / k of the input, and its output joins that token's with weight
+// weights[order[r]].
+struct Route {
+  const int64_t* order;
+  const float* weights;
+  int64_t k;
+};
+
+// A piece's rows of `src`: in place, or for a routed FFN gathered from the token rows into
+// `scratch` (a thread's buffer, in cache for the products that read it next).
+at::Tensor piece_rows(const at::Tensor& src, const Route* route, const Piece& p,
+                      const at::Tensor& scratch) {
+  const int64_t n = p.end - p.start;
+  if (route == nullptr) return src.narrow(0, p.start, n);
+  auto dst = scratch.narrow(0, 0, n);
+  const int64_t width = src.size(1);
+  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "gather_rows", [&] {
+    const scalar_t* from = src.data_ptr<scalar_t>();
+    scalar_t* to = dst.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t token = token_of_slot(route->order[p.start + i], route->k);
+      std::memcpy(to + i * width, from + token * width, width * sizeof(scalar_t));
+    }
+  });
+  return dst;
+}
+
+// y (rows, D_out), gate, up (rows, H) for the grouped rows: x's own rows, or routed x's token
+// rows gathered piece by piece.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ffn_forward(
     const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w3, const at::Tensor& w2,
-    at::IntArrayRef ends) {
-  check_ffn(x, w1, w3, w2, ends);
-  const int64_t N = x.size(0), H = w1.size(2);
-  auto y = at::empty({N, w2.size(2)}, x.options());
-  auto gate = at::empty({N, H}, x.options());
-  auto up = at::empty({N, H}, x.options());
-  const auto spans = spans_of(ends, N);
+    at::IntArrayRef ends, int64_t rows, const Route* route) {
+  const int64_t D = x.size(1), H = w1.size(2);
+  auto y = at::empty({rows, w2.size(2)}, x.options());
+  auto gate = at::empty({rows, H}, x.options());
+  auto up = at::empty({rows, H}, x.options());
+  const auto spans = spans_of(ends, rows);
   const int64_t done = spans.empty() ? 0 : spans.back().end;
   const auto runs = plan_for(spans, true, false, Cut(1));
   for_runs(runs, [&](int64_t, const std::vector<Piece>& run) {
-    auto h = at::empty({most_rows(run), H}, x.options());
+    const int64_t most = most_rows(run);
+    auto h = at::empty({most, H}, x.options());
+    auto xg = route != nullptr ? at::empty({most, D}, x.options()) : at::Tensor();
     for (const Piece& p : run) {
       const int64_t n = p.end - p.start;
-      auto xs = x.narrow(0, p.start, n), gs = gate.narrow(0, p.start, n);
+      auto xs = piece_rows(x, route, p, xg), gs = gate.narrow(0, p.start, n);
       auto us = up.narrow(0, p.start, n), hs = h.narrow(0, 0, n);
       at::mm_out(gs, xs, w1[p.group]);
       at::mm_out(us, xs, w3[p.group]);
@@ -118,7 +182,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_swiglu_forward_cpu(
     }
   });
   for (auto* t : {&y, &gate, &up}) {
-    if (done < N) t->narrow(0, done, N - done).zero_();
+    if (done < rows) t->narrow(0, done, rows - done).zero_();
   }
   return {y, gate, up};
 }
@@ -130,95 +194,214 @@ struct Share {
   at::Tensor w1, w3, w2;
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_swiglu_backward_cpu(
-    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w3,
-    const at::Tensor& w2, const at::Tensor& gate, const at::Tensor& up, at::IntArrayRef ends,
-    at::IntArrayRef needs) {
-  check_ffn(x, w1, w3, w2, ends);
-  const int64_t N = x.size(0), D = x.size(1), H = w1.size(2), G = w1.size(0);
-  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == N && grad.size(1) == w2.size(2) &&
-                  grad.is_contiguous() && grad.scalar_type() == x.scalar_type(),
-              "grad must be a contiguous (N, D_out) tensor of x's dtype");
+struct Needs {
+  bool x, w1, w3, w2;
+};
+
+struct Grads {
+  at::Tensor x, w1, w3, w2;  // x: the grouped rows' gradient (rows, D)
+};
+
+// The backward over the grouped rows. grad is the rows' output gradient (rows, D_out), or for a
+// routed FFN the tokens' (N, D_out), gathered piece by piece, the combine weights applied in
+// the element-wise pass, which also writes each kept slot's weight gradient into `dots`.
+Grads ffn_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w1,
+                   const at::Tensor& w3, const at::Tensor& w2, const at::Tensor& gate,
+                   const at::Tensor& up, at::IntArrayRef ends, int64_t rows, Needs need,
+                   const Route* route, float* dots) {
+  const int64_t D = x.size(1), H = w1.size(2), G = w1.size(0), Do = w2.size(2);
   for (const at::Tensor* t : {&gate, &up}) {
-    TORCH_CHECK(t->dim() == 2 && t->size(0) == N && t->size(1) == H && t->is_contiguous() &&
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == rows && t->size(1) == H && t->is_contiguous() &&
                     t->scalar_type() == x.scalar_type(),
-                "gate and up must be the forward's contiguous (N, H) tensors");
+                "gate and up must be the forward's contiguous (", rows, ", ", H, ") tensors");
   }
-  TORCH_CHECK(needs.size() == 4, "needs must hold 4 flags (x, w1, w3, w2), got ", needs.size());
-  const bool need_x = needs[0] != 0, need_w1 = needs[1] != 0, need_w3 = needs[2] != 0,
-             need_w2 = needs[3] != 0, need_gate = need_x || need_w1 || need_w3;
+  // a routed FFN always runs the weighted pass: the combine weights' gradient needs h
+  const bool need_gate = route != nullptr || need.x || need.w1 || need.w3;
+  const bool need_h = route != nullptr || need.w2;
   auto none = [&] { return at::empty({0}, x.options()); };  // a gradient not asked for
-  auto grad_x = need_x ? at::empty({N, D}, x.options()) : none();
-  auto grad_w1 = need_w1 ? at::empty_like(w1) : none();
-  auto grad_w3 = need_w3 ? at::empty_like(w3) : none();
-  auto grad_w2 = need_w2 ? at::empty_like(w2) : none();
-  const auto spans = spans_of(ends, N);
+  Grads out{need.x ? at::empty({rows, D}, x.options()) : none(),
+            need.w1 ? at::empty_like(w1) : none(), need.w3 ? at::empty_like(w3) : none(),
+            need.w2 ? at::empty_like(w2) : none()};
+  const auto spans = spans_of(ends, rows);
   const int64_t done = spans.empty() ? 0 : spans.back().end;
   const auto runs = plan_for(spans, true, false, Cut(1));
   std::vector<std::vector<Share>> shares(runs.size());
   for_runs(runs, [&](int64_t r, const std::vector<Piece>& run) {
     const int64_t most = most_rows(run);
-    // grad_h, then grad_gate over it
-    auto gh = need_gate ? at::empty({most, H}, x.options()) : at::Tensor();
-    auto gu = need_gate ? at::empty({most, H}, x.options()) : at::Tensor();
-    auto h = need_w2 ? at::empty({most, H}, x.options()) : at::Tensor();
+    auto scratch = [&](int64_t width, bool needed) {
+      return needed ? at::empty({most, width}, x.options()) : at::Tensor();
+    };
+    auto gh = scratch(H, need_gate);  // grad_h, then grad_gate over it
+    auto gu = scratch(H, need_gate);
+    auto h = scratch(H, need_h);
+    auto gg = scratch(Do, route != nullptr);  // gathered output gradient rows
+    auto xg = scratch(D, route != nullptr && (need.w1 || need.w3));
     // exact rows: a run holds at most one piece of each group
     for (const Piece& p : run) {
       const int64_t g = p.group, n = p.end - p.start;
       // weight gradients: the run holding the group's first rows writes them, another its share
       at::Tensor t1, t3, t2;
       if (p.start == spans[g].start) {
-        if (need_w1) t1 = grad_w1[g];
-        if (need_w3) t3 = grad_w3[g];
-        if (need_w2) t2 = grad_w2[g];
+        if (need.w1) t1 = out.w1[g];
+        if (need.w3) t3 = out.w3[g];
+        if (need.w2) t2 = out.w2[g];
       } else {
-        if (need_w1) t1 = at::empty({D, H}, x.options());
-        if (need_w3) t3 = at::empty({D, H}, x.options());
-        if (need_w2) t2 = at::empty({H, w2.size(2)}, x.options());
+        if (need.w1) t1 = at::empty({D, H}, x.options());
+        if (need.w3) t3 = at::empty({D, H}, x.options());
+        if (need.w2) t2 = at::empty({H, Do}, x.options());
         shares[r].push_back({g, t1, t3, t2});
       }
-      auto xs = x.narrow(0, p.start, n), gr = grad.narrow(0, p.start, n);
+      auto gr = piece_rows(grad, route, p, gg);
       auto ghs = need_gate ? gh.narrow(0, 0, n) : at::Tensor();
       auto gus = need_gate ? gu.narrow(0, 0, n) : at::Tensor();
-      auto hs = need_w2 ? h.narrow(0, 0, n) : at::Tensor();
+      auto hs = need_h ? h.narrow(0, 0, n) : at::Tensor();
       if (need_gate) at::mm_out(ghs, gr, w2[g].t());
-      if (need_gate || need_w2) {
+      if (need_gate || need_h) {
         AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "grouped_swiglu_backward", [&] {
           const scalar_t* a = gate.data_ptr<scalar_t>() + p.start * H;
           const scalar_t* b = up.data_ptr<scalar_t>() + p.start * H;
-          scalar_t* hp = need_w2 ? hs.data_ptr<scalar_t>() : nullptr;
-          if (need_gate) {
+          scalar_t* hp = need_h ? hs.data_ptr<scalar_t>() : nullptr;
+          if (route != nullptr) {  // row by row: each row's combine weight
+            scalar_t* ga = ghs.data_ptr<scalar_t>();
+            scalar_t* gb = gus.data_ptr<scalar_t>();
+            for (int64_t i = 0; i < n; ++i) {
+              const int64_t slot = route->order[p.start + i], o = i * H;
+              dots[slot] = static_cast<float>(gate_backward_weighted(
+                  ga + o, a + o, b + o, gb + o, hp + o, H,
+                  static_cast<scalar_t>(route->weights[slot])));
+            }
+          } else if (need_gate) {
             gate_backward(ghs.data_ptr<scalar_t>(), a, b, gus.data_ptr<scalar_t>(), hp, n * H);
           } else {
             gate_forward(a, b, hp, n * H);
           }
         });
       }
-      if (need_w2) at::mm_out(t2, hs.t(), gr);
-      if (need_x) {
-        auto gxs = grad_x.narrow(0, p.start, n);
+      if (need.w2) at::mm_out(t2, hs.t(), gr);
+      if (need.x) {
+        auto gxs = out.x.narrow(0, p.start, n);
         at::mm_out(gxs, ghs, w1[g].t());
         gxs.addmm_(gus, w3[g].t());
       }
-      if (need_w1) at::mm_out(t1, xs.t(), ghs);
-      if (need_w3) at::mm_out(t3, xs.t(), gus);
+      if (need.w1 || need.w3) {
+        auto xs = piece_rows(x, route, p, xg);
+        if (need.w1) at::mm_out(t1, xs.t(), ghs);
+        if (need.w3) at::mm_out(t3, xs.t(), gus);
+      }
     }
   });
   for (const auto& run_shares : shares) {
     for (const Share& s : run_shares) {
-      if (need_w1) grad_w1[s.group].add_(s.w1);
-      if (need_w3) grad_w3[s.group].add_(s.w3);
-      if (need_w2) grad_w2[s.group].add_(s.w2);
+      if (need.w1) out.w1[s.group].add_(s.w1);
+      if (need.w3) out.w3[s.group].add_(s.w3);
+      if (need.w2) out.w2[s.group].add_(s.w2);
     }
   }
   for (int64_t g = 0; g < G; ++g) {
     if (spans[g].end > spans[g].start) continue;
-    for (auto* t : {&grad_w1, &grad_w3, &grad_w2}) {
+    for (auto* t : {&out.w1, &out.w3, &out.w2}) {
       if (t->numel() > 0) (*t)[g].zero_();  // no rows: no gradient
     }
   }
-  if (need_x && done < N) grad_x.narrow(0, done, N - done).zero_();
-  return {grad_x, grad_w1, grad_w3, grad_w2};
+  if (need.x && done < rows) out.x.narrow(0, done, rows - done).zero_();
+  return out;
+}
+
+Needs needs_of(at::IntArrayRef flags, size_t count, const char* names) {
+  TORCH_CHECK(flags.size() == count, "needs must hold ", count, " flags (", names, "), got ",
+              flags.size());
+  const size_t o = count - 4;  // x, [weights,] w1, w3, w2
+  return {flags[0] != 0, flags[o + 1] != 0, flags[o + 2] != 0, flags[o + 3] != 0};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_swiglu_forward_cpu(
+    const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w3, const at::Tensor& w2,
+    at::IntArrayRef ends) {
+  check_ffn(x, w1, w3, w2, ends);
+  return ffn_forward(x, w1, w3, w2, ends, x.size(0), nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_swiglu_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w3,
+    const at::Tensor& w2, const at::Tensor& gate, const at::Tensor& up, at::IntArrayRef ends,
+    at::IntArrayRef needs) {
+  check_ffn(x, w1, w3, w2, ends);
+  const int64_t N = x.size(0);
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == N && grad.size(1) == w2.size(2) &&
+                  grad.is_contiguous() && grad.scalar_type() == x.scalar_type(),
+              "grad must be a contiguous (N, D_out) tensor of x's dtype");
+  auto g = ffn_backward(grad, x, w1, w3, w2, gate, up, ends, N,
+                        needs_of(needs, 4, "x, w1, w3, w2"), nullptr, nullptr);
+  return {g.x, g.w1, g.w3, g.w2};
+}
+
+// The routed FFN's rows: kept = the last end, each kept row's slot checked (the gathers index
+// with them); returns kept.
+int64_t check_route(const at::Tensor& x, const at::Tensor& order, const at::Tensor& inverse,
+                    const at::Tensor& weights, at::IntArrayRef ends, int64_t k) {
+  for (const at::Tensor* t : {&order, &inverse}) {
+    TORCH_CHECK(t->dim() == 1 && t->is_contiguous() && t->scalar_type() == at::kLong,
+                "order and inverse must be contiguous 1-D int64 tensors");
+  }
+  const int64_t S = inverse.numel();
+  TORCH_CHECK(k > 0 && S % k == 0 && x.size(0) == S / k,
+              "k must divide the slots and x hold one row per token (", k, ", ", S, " slots, ",
+              x.size(0), " rows)");
+  TORCH_CHECK(weights.dim() == 1 && weights.numel() == S && weights.is_contiguous() &&
+                  weights.scalar_type() == at::kFloat,
+              "weights must be a contiguous (S,) float32 tensor, one per slot");
+  const int64_t kept = ends.empty() ? 0 : ends.back();
+  TORCH_CHECK(kept <= order.numel(), "the last end (", kept, ") must not pass order's ",
+              order.numel(), " rows");
+  const int64_t* ord = order.data_ptr<int64_t>();
+  for (int64_t r = 0; r < kept; ++r) {
+    TORCH_CHECK(ord[r] >= 0 && ord[r] < S, "order[", r, "] = ", ord[r], " is not a slot in [0, ",
+                S, ")");
+  }
+  return kept;
+}
+
+// moe_ops::unpermute_rows through the dispatcher (its CPU kernel, moe_ops.cpp).
+at::Tensor unpermute(const at::Tensor& y, const at::Tensor& order, const at::Tensor& inverse,
+                     const std::optional<at::Tensor>& weights, int64_t k, int64_t kept) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("moe_ops::unpermute_rows", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const std::optional<at::Tensor>&, int64_t, int64_t)>();
+  at::AutoDispatchBelowADInplaceOrView below;
+  return op.call(y, order, inverse, weights, k, kept);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_swiglu_forward_cpu(
+    const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w3, const at::Tensor& w2,
+    const at::Tensor& order, const at::Tensor& inverse, const at::Tensor& weights,
+    at::IntArrayRef ends, int64_t k) {
+  check_ffn(x, w1, w3, w2, ends);
+  const int64_t kept = check_route(x, order, inverse, weights, ends, k);
+  const Route route{order.data_ptr<int64_t>(), weights.data_ptr<float>(), k};
+  auto [rows, gate, up] = ffn_forward(x, w1, w3, w2, ends, kept, &route);
+  return {unpermute(rows, order, inverse, weights, k, kept), gate, up};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+routed_swiglu_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w1,
+                           const at::Tensor& w3, const at::Tensor& w2, const at::Tensor& gate,
+                           const at::Tensor& up, const at::Tensor& order,
+                           const at::Tensor& inverse, const at::Tensor& weights,
+                           at::IntArrayRef ends, int64_t k, at::IntArrayRef needs) {
+  check_ffn(x, w1, w3, w2, ends);
+  const int64_t kept = check_route(x, order, inverse, weights, ends, k);
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == x.size(0) && grad.size(1) == w2.size(2) &&
+                  grad.is_contiguous() && grad.scalar_type() == x.scalar_type(),
+              "grad must be a contiguous (N, D_out) tensor of x's dtype");
+  const Needs need = needs_of(needs, 5, "x, weights, w1, w3, w2");
+  const Route route{order.data_ptr<int64_t>(), weights.data_ptr<float>(), k};
+  auto dots = at::zeros({inverse.numel()}, weights.options());  // dropped slots: 0
+  auto g = ffn_backward(grad, x, w1, w3, w2, gate, up, ends, kept, need, &route,
+                        dots.data_ptr<float>());
+  // each token's gradient: the sum over its kept slots' rows (zero where none was kept)
+  auto grad_x = need.x ? unpermute(g.x, order, inverse, std::nullopt, k, kept) : g.x;
+  return {grad_x, needs[1] != 0 ? dots : at::empty({0}, weights.options()), g.w1, g.w3, g.w2};
 }
 
 }  // namespace
@@ -228,11 +411,18 @@ TORCH_LIBRARY_FRAGMENT(moe_ops, m) {
         "-> (Tensor, Tensor, Tensor)");
   m.def("grouped_swiglu_backward(Tensor grad, Tensor x, Tensor w1, Tensor w3, Tensor w2, "
         "Tensor gate, Tensor up, int[] ends, int[] needs) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("routed_swiglu_forward(Tensor x, Tensor w1, Tensor w3, Tensor w2, Tensor order, "
+        "Tensor inverse, Tensor weights, int[] ends, int k) -> (Tensor, Tensor, Tensor)");
+  m.def("routed_swiglu_backward(Tensor grad, Tensor x, Tensor w1, Tensor w3, Tensor w2, "
+        "Tensor gate, Tensor up, Tensor order, Tensor inverse, Tensor weights, int[] ends, "
+        "int k, int[] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(moe_ops, CPU, m) {
   m.impl("grouped_swiglu_forward", &grouped_swiglu_forward_cpu);
   m.impl("grouped_swiglu_backward", &grouped_swiglu_backward_cpu);
+  m.impl("routed_swiglu_forward", &routed_swiglu_forward_cpu);
+  m.impl("routed_swiglu_backward", &routed_swiglu_backward_cpu);
 }
 
 }  // namespace moe_ops

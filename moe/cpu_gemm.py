@@ -149,6 +149,23 @@ def grouped_swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torc
                                             block_rows(x.dtype))
 
 
+def routed_swiglu(rows: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
+                  dispatch, weight: torch.Tensor) -> torch.Tensor | None:
+    """An MoE's experts with the dispatch's gather and weighted combine in the same op:
+    rows (N, D) tokens, `dispatch` a `moe.dispatch.TopKDispatch` (exact rows), weight (N, k)
+    -> (N, D), equal to `dispatch.combine(grouped_swiglu(dispatch.gather(rows), ...), weight)`
+    (`moe_ops::routed_swiglu`, csrc/swiglu_ffn_cpu.cpp: each thread gathers a group's rows into
+    its own buffer before the products, and the backward takes the combine weights' gradient
+    from h, so neither the permuted rows nor the expert outputs are kept). float32 / float64 on
+    CPU with the compiled kernels; None elsewhere."""
+    if not _compiled or rows.dtype not in (torch.float32, torch.float64) or \
+            not all(applies(rows, w) for w in (w1, w3, w2)):
+        return None
+    return torch.ops.moe_ops.routed_swiglu(
+        rows.contiguous(), w1, w3, w2, dispatch.order, dispatch.inverse,
+        weight.reshape(-1).float().contiguous(), dispatch.offsets.tolist(), dispatch.k)
+
+
 def split_grouped_linear(x: torch.Tensor, weight: torch.Tensor,
                          offsets: torch.Tensor) -> torch.Tensor:
     """`SplitGroupedMM`; with the compiled kernels the same products as one op whose autograd is

@@ -262,6 +262,21 @@ def _register_grouped_mm_flops() -> None:
                 + need_x * 2 * H * D + (need_w1 + need_w3) * D * H
             return 2 * (ends[-1] if ends else 0) * products
 
+        # the routed FFN (gather and combine in the same kernels): the same products
+        @flop_counter.register_flop_formula(torch.ops.moe_ops.routed_swiglu_forward)
+        def _routed_flops(x_shape, w1_shape, w3_shape, w2_shape, order_shape, inverse_shape,
+                          weights_shape, ends, k, *args, **kwargs) -> int:
+            return _ffn_flops(x_shape, w1_shape, w3_shape, w2_shape, ends)
+
+        @flop_counter.register_flop_formula(torch.ops.moe_ops.routed_swiglu_backward)
+        def _routed_backward_flops(grad_shape, x_shape, w1_shape, w3_shape, w2_shape, gate_shape,
+                                   up_shape, order_shape, inverse_shape, weights_shape, ends, k,
+                                   needs, *args, **kwargs) -> int:
+            need_x, _, need_w1, need_w3, need_w2 = needs  # the weights' gradient: no product
+            return _ffn_backward_flops(grad_shape, x_shape, w1_shape, w3_shape, w2_shape,
+                                       gate_shape, up_shape, ends, [need_x, need_w1, need_w3,
+                                                                    need_w2])
+
     op = getattr(torch.ops.aten, "_grouped_mm", None)
     if op is None or op in flop_counter.flop_registry:
         return

@@ -131,6 +131,11 @@ class MoE(nn.Module):
                                 weight.reshape(-1)[slot], self.experts,
                                 cfg.implementation == "loop")
             return y, dispatch.dropped, routed
+        if not padded and cfg.implementation != "loop":  # gather, experts, combine: one op
+            e = self.experts
+            y = cpu_gemm.routed_swiglu(rows, e.w1, e.w3, e.w2, dispatch, weight)
+            if y is not None:
+                return y, dispatch.dropped, routed
         x = dispatch.gather(rows)  # (kept, D)
         if padded:
             y = self.experts.ffn_padded(x.view(cfg.num_experts, -1, cfg.dim)).view_as(x)

@@ -165,6 +165,16 @@ if AVAILABLE:
         return tuple(t.new_empty(t.shape) if need else x.new_empty(0)
                      for t, need in zip((x, w1, w3, w2), needs))
 
+    @torch.library.register_fake("moe_ops::routed_swiglu_forward")
+    def _(x, w1, w3, w2, order, inverse, weights, ends, k):
+        kept, H = ends[-1] if ends else 0, w1.shape[2]
+        return x.new_empty(x.shape[0], w2.shape[2]), x.new_empty(kept, H), x.new_empty(kept, H)
+
+    @torch.library.register_fake("moe_ops::routed_swiglu_backward")
+    def _(grad, x, w1, w3, w2, gate, up, order, inverse, weights, ends, k, needs):
+        return tuple(t.new_empty(t.shape) if need else t.new_empty(0)
+                     for t, need in zip((x, weights, w1, w3, w2), needs))
+
 
 def _compiled(t: torch.Tensor) -> bool:
     if not AVAILABLE:
