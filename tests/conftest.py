@@ -14,6 +14,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(params=[1, 2, 3], ids=lambda t: f"{t}threads")
+def threads(request):
+    """Runs a test at 1, 2 and 3 threads (the kernels' thread plans cut rows differently)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 def tiny_config(**overrides) -> ModelConfig:
     """A model small enough for exhaustive checks: 2 layers, dim 32, 3 modalities."""
     base = dict(modalities=[{"name": "text", "vocab_size": 40}, {"name": "image", "vocab_size": 24},

@@ -53,14 +53,6 @@ def call(x, w1, w3, w2, weights, d):
                                            d.offsets.tolist(), d.k)
 
 
-@pytest.fixture(params=[1, 2, 3], ids=lambda t: f"{t}threads")
-def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
 @needs_kernels
 @pytest.mark.parametrize("N,E,k,capacity", CASES)
 def test_routed_ffn_equals_the_separate_steps(N, E, k, capacity, threads):

@@ -42,14 +42,6 @@ def loop(x, w1, w3, w2, ends):
     return grouped_linear_reference(torch.nn.functional.silu(gate) * up, w2, offsets), gate, up
 
 
-@pytest.fixture(params=[1, 2, 3], ids=lambda t: f"{t}threads")
-def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
 @needs_kernels
 @pytest.mark.parametrize("sizes", SIZES)
 def test_fused_forward_and_backward_equal_the_loop(sizes, threads):
