@@ -7,7 +7,13 @@
 //   rms_norm_backward(grad, x, weight, rstd, group_rows)   -> grad_x, grad_weight (G, D)
 //   swiglu(a, b)                                           -> silu(a) * b
 //   swiglu_backward(grad, a, b)                            -> grad_a, grad_b
+//   swiglu_halves(gate_up (M, 2H))                         -> silu(gate) * up (M, H)
+//   swiglu_halves_backward(grad (M, H), gate_up)           -> grad_gate_up (M, 2H)
 //   rotary(x (B, T, H, hd), cos (B, T, hd), sin, transpose) -> rotated x (B, T, H, hd)
+//
+// swiglu_halves takes the gate and up products side by side in one tensor, as one product with
+// a [w1 | w3] weight gives them (the grouped FFN in half precision, csrc/autograd.cpp), and its
+// backward writes their gradients side by side, ready for one product with that weight.
 //
 // Rows of group g are the group_rows[g] rows after those of groups < g. Sums run in float32
 // (float64 for double); weights may be float32 under half-precision rows (autocast). The
@@ -18,6 +24,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -329,6 +336,53 @@ std::tuple<at::Tensor, at::Tensor> swiglu_backward_cpu(const at::Tensor& grad,
   return {ga, gb};
 }
 
+void check_halves(const at::Tensor& gate_up, const char* name) {
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(1) % 2 == 0 && gate_up.is_contiguous(), name,
+              ": gate_up must be a contiguous (M, 2H) tensor");
+}
+
+at::Tensor swiglu_halves_cpu(const at::Tensor& gate_up) {
+  check_halves(gate_up, "swiglu_halves");
+  const int64_t M = gate_up.size(0), H = gate_up.size(1) / 2;
+  auto h = at::empty({M, H}, gate_up.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gate_up.scalar_type(),
+                                  "swiglu_halves", [&] {
+    const scalar_t* gu = gate_up.data_ptr<scalar_t>();
+    scalar_t* hp = h.data_ptr<scalar_t>();
+    at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(H, 1)),
+                     [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        swiglu_fwd(gu + r * 2 * H, gu + r * 2 * H + H, hp + r * H, 0, H);
+      }
+    });
+  });
+  return h;
+}
+
+at::Tensor swiglu_halves_backward_cpu(const at::Tensor& grad, const at::Tensor& gate_up) {
+  check_halves(gate_up, "swiglu_halves_backward");
+  const int64_t M = gate_up.size(0), H = gate_up.size(1) / 2;
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == M && grad.size(1) == H && grad.is_contiguous() &&
+                  grad.scalar_type() == gate_up.scalar_type(),
+              "swiglu_halves_backward: grad must be a contiguous (", M, ", ", H,
+              ") tensor of gate_up's dtype");
+  auto out = at::empty_like(gate_up);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gate_up.scalar_type(),
+                                  "swiglu_halves_backward", [&] {
+    const scalar_t* gp = grad.data_ptr<scalar_t>();
+    const scalar_t* gu = gate_up.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(H, 1)),
+                     [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t o = r * 2 * H;
+        swiglu_bwd(gp + r * H, gu + o, gu + o + H, op + o, op + o + H, 0, H);
+      }
+    });
+  });
+  return out;
+}
+
 at::Tensor rotary_cpu(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                       bool transpose) {
   TORCH_CHECK(x.dim() == 4 && (x.stride(3) == 1 || x.numel() == 0) && x.size(3) % 2 == 0,
@@ -368,6 +422,8 @@ TORCH_LIBRARY_FRAGMENT(moe_ops, m) {
         " -> (Tensor, Tensor)");
   m.def("swiglu(Tensor a, Tensor b) -> Tensor");
   m.def("swiglu_backward(Tensor grad, Tensor a, Tensor b) -> (Tensor, Tensor)");
+  m.def("swiglu_halves(Tensor gate_up) -> Tensor");
+  m.def("swiglu_halves_backward(Tensor grad, Tensor gate_up) -> Tensor");
   m.def("rotary(Tensor x, Tensor cos, Tensor sin, bool transpose) -> Tensor");
 }
 
@@ -376,6 +432,8 @@ TORCH_LIBRARY_IMPL(moe_ops, CPU, m) {
   m.impl("rms_norm_backward", &rms_norm_backward_cpu);
   m.impl("swiglu", &swiglu_cpu);
   m.impl("swiglu_backward", &swiglu_backward_cpu);
+  m.impl("swiglu_halves", &swiglu_halves_cpu);
+  m.impl("swiglu_halves_backward", &swiglu_halves_backward_cpu);
   m.impl("rotary", &rotary_cpu);
 }
 

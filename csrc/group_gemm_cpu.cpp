@@ -6,14 +6,6 @@
 //       the last end are zero
 //   group_inner_mm(a (N, Ka), b (N, Kb), ends [G], spread, block)      -> (G, Ka, Kb)
 //       result[g] = a[rows of g]^T @ b[rows of g] (zero for an empty group)
-//   group_rows_mm_sum(a, b, a2 (N, K2), b2 (G, K2, M), ends, spread, block)  -> (N, M)
-//       group_rows_mm(a, b) + group_rows_mm(a2, b2) in one pass: the second product of each
-//       piece added in place into the first's rows (the input gradient of a SwiGLU FFN, whose
-//       gate and up products share their input)
-//   group_rows_mm2(a, b, b2, ends, spread, block)        -> (group_rows_mm(a, b), ..(a, b2))
-//   group_inner_mm2(a, b, b2, ends, spread, block)       -> (group_inner_mm(a, b), ..(a, b2))
-//       two products of one a in one pass, piece by piece, so that a's rows are read from
-//       memory once (a SwiGLU FFN's gate and up products, and their weight gradients)
 //
 // Why: a mid-sized product (1024 x 512 x 1024 in bfloat16) gains only ~1.6x from a second thread,
 // so two of them side by side, one per thread, finish sooner than one after the other on both;
@@ -155,10 +147,8 @@ void inner_product(const at::Tensor& a, const at::Tensor& b, at::Tensor outg, in
 using Pairs = std::vector<std::pair<at::Tensor, at::Tensor>>;
 
 // Outputs whose rows of each group are sums over their (a, b) pairs of a's rows times b[group],
-// all of one N and computed piece by piece in one pass: the shared body of group_rows_mm
-// (one output of one pair), group_rows_mm_sum (one output, two pairs) and group_rows_mm2 (two
-// outputs of one a, whose rows each piece reads twice while they are in cache). The pairs of
-// one output share its column count M.
+// all of one N and computed piece by piece in one pass (group_rows_mm: one output of one pair).
+// The pairs of one output share its column count M.
 std::vector<at::Tensor> rows_outputs(const std::vector<Pairs>& sums, at::IntArrayRef ends,
                                      bool spread, int64_t block) {
   TORCH_CHECK(block >= 1, "block must be at least 1, got ", block);
@@ -210,21 +200,8 @@ at::Tensor group_rows_mm_cpu(const at::Tensor& a, const at::Tensor& b, at::IntAr
   return rows_outputs({{{a, b}}}, ends, spread, block)[0];
 }
 
-at::Tensor group_rows_mm_sum_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a2,
-                                 const at::Tensor& b2, at::IntArrayRef ends, bool spread,
-                                 int64_t block) {
-  return rows_outputs({{{a, b}, {a2, b2}}}, ends, spread, block)[0];
-}
-
-std::tuple<at::Tensor, at::Tensor> group_rows_mm2_cpu(const at::Tensor& a, const at::Tensor& b,
-                                                      const at::Tensor& b2, at::IntArrayRef ends,
-                                                      bool spread, int64_t block) {
-  auto outs = rows_outputs({{{a, b}}, {{a, b2}}}, ends, spread, block);
-  return {outs[0], outs[1]};
-}
-
 // (G, Ka, Kb_i) for each b_i: group g = a[rows of g]^T @ b_i[rows of g], piece by piece (the
-// shared body of group_inner_mm and group_inner_mm2, whose two products read a's rows once).
+// body of group_inner_mm).
 std::vector<at::Tensor> inner_outputs(const at::Tensor& a, const std::vector<at::Tensor>& bs,
                                       at::IntArrayRef ends, bool spread, int64_t block) {
   TORCH_CHECK(block >= 1, "block must be at least 1, got ", block);
@@ -265,32 +242,16 @@ at::Tensor group_inner_mm_cpu(const at::Tensor& a, const at::Tensor& b, at::IntA
   return inner_outputs(a, {b}, ends, spread, block)[0];
 }
 
-std::tuple<at::Tensor, at::Tensor> group_inner_mm2_cpu(const at::Tensor& a, const at::Tensor& b,
-                                                       const at::Tensor& b2, at::IntArrayRef ends,
-                                                       bool spread, int64_t block) {
-  auto outs = inner_outputs(a, {b, b2}, ends, spread, block);
-  return {outs[0], outs[1]};
-}
-
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(moe_ops, m) {
   m.def("group_rows_mm(Tensor a, Tensor b, int[] ends, bool spread, int block=64) -> Tensor");
   m.def("group_inner_mm(Tensor a, Tensor b, int[] ends, bool spread, int block=64) -> Tensor");
-  m.def("group_rows_mm_sum(Tensor a, Tensor b, Tensor a2, Tensor b2, int[] ends, bool spread, "
-        "int block=64) -> Tensor");
-  m.def("group_rows_mm2(Tensor a, Tensor b, Tensor b2, int[] ends, bool spread, int block=64) "
-        "-> (Tensor, Tensor)");
-  m.def("group_inner_mm2(Tensor a, Tensor b, Tensor b2, int[] ends, bool spread, int block=64) "
-        "-> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(moe_ops, CPU, m) {
   m.impl("group_rows_mm", &group_rows_mm_cpu);
   m.impl("group_inner_mm", &group_inner_mm_cpu);
-  m.impl("group_rows_mm_sum", &group_rows_mm_sum_cpu);
-  m.impl("group_rows_mm2", &group_rows_mm2_cpu);
-  m.impl("group_inner_mm2", &group_inner_mm2_cpu);
 }
 
 }  // namespace moe_ops

@@ -1,30 +1,34 @@
 // The grouped SwiGLU FFN of MoE experts and MoT modalities on CPU in float32 / float64, every
-// step of it run piece by piece:
+// step of it run piece by piece. The gate and up weights are one tensor w13 (G, D, 2H): columns
+// [0, H) of w13[g] are the gate's (w1), [H, 2H) the up product's (w3), as in HF's gate_up_proj
+// and Megatron's fused fc1.
 //
-//   grouped_swiglu_forward(x (N, D), w1, w3 (G, D, H), w2 (G, H, Do), ends [G])
-//       -> y (N, Do), gate (N, H), up (N, H)       rows of group g: (silu(x w1[g]) * x w3[g]) w2[g]
-//   grouped_swiglu_backward(grad (N, Do), x, w1, w3, w2, gate, up, ends, needs [4])
-//       -> grad_x, grad_w1, grad_w3, grad_w2       (an empty tensor where needs[i] is false)
-//   routed_swiglu_forward(x (N, D), w1, w3, w2, order, inverse, weights (S,), ends, k)
-//       -> y (N, Do), gate, up (kept, H)           an MoE's experts between its dispatch and
-//                                                  combine: y[t] = sum over t's kept slots of
-//                                                  weights[slot] * FFN_group(x[t])
-//   routed_swiglu_backward(grad (N, Do), x, w1, w3, w2, gate, up, order, inverse, weights,
-//                          ends, k, needs [5]) -> grad_x, grad_weights (S,), grad_w1, grad_w3,
-//                                                 grad_w2
+//   grouped_swiglu_forward(x (N, D), w13 (G, D, 2H), w2 (G, H, Do), ends [G])
+//       -> y (N, Do), gate_up (N, 2H)             rows of group g: h w2[g], gate_up = x w13[g],
+//                                                 h = silu(gate_up[:, :H]) * gate_up[:, H:]
+//   grouped_swiglu_backward(grad (N, Do), x, w13, w2, gate_up, ends, needs [3])
+//       -> grad_x, grad_w13, grad_w2              (an empty tensor where needs[i] is false)
+//   routed_swiglu_forward(x (N, D), w13, w2, order, inverse, weights (S,), ends, k)
+//       -> y (N, Do), gate_up (kept, 2H)          an MoE's experts between its dispatch and
+//                                                 combine: y[t] = sum over t's kept slots of
+//                                                 weights[slot] * FFN_group(x[t])
+//   routed_swiglu_backward(grad (N, Do), x, w13, w2, gate_up, order, inverse, weights, ends, k,
+//                          needs [4]) -> grad_x, grad_weights (S,), grad_w13, grad_w2
 //
 // Rows are shared out among the threads as by the grouped products (moe_group_plan.h, exact
 // rows: one stretch of about equal rows per thread), and each thread runs all steps of the FFN
-// on one piece (the rows of one group in its stretch) before the next piece: the gate and up
-// products, silu(gate) * up into a scratch buffer of the thread, the product with w2. The
-// element-wise pass reads gate and up rows that were just written (a few MB per piece, in
-// cache) instead of whole (N, H) tensors from memory, and h is neither kept nor saved: the
-// backward recomputes it in the pass that takes the gate's gradient. Backward, per piece:
-// grad_h = grad w2^T (scratch), one pass giving grad_gate (over grad_h), grad_up and h
-// (scratch), then grad_w2 += h^T grad, grad_x = grad_gate w1^T + grad_up w3^T,
-// grad_w1 += x^T grad_gate, grad_w3 += x^T grad_up. A group cut between two threads sums its
-// weight gradients in the thread that holds its first rows; the other thread's share is added
-// afterwards. Rows past the last end give zeros.
+// on one piece (the rows of one group in its stretch) before the next piece: one product with
+// w13 for the gate and up halves, silu(gate) * up into a scratch buffer of the thread, the
+// product with w2. The element-wise pass reads gate and up rows that were just written (a few MB
+// per piece, in cache) instead of whole (N, H) tensors from memory, and h is neither kept nor
+// saved: the backward recomputes it in the pass that takes the gate's gradient. Backward, per
+// piece: grad_h = grad w2^T into the gate half of a (rows, 2H) scratch, one pass giving
+// grad_gate over it, grad_up in the other half, and h (scratch), then grad_w2 += h^T grad,
+// grad_x = grad_gate_up w13^T and grad_w13 += x^T grad_gate_up, one product each. Against
+// separate w1 and w3 each piece runs three products fewer, wider ones that one core runs
+// 3-5 % faster (README, Benchmarks). A group cut between two threads sums its weight gradients
+// in the thread that holds its first rows; the other thread's share is added afterwards. Rows
+// past the last end give zeros.
 //
 // The routed ops take the token rows and the dispatch's layout (moe_ops::sort_by_group: grouped
 // row r is slot order[r] of token order[r] / k, kept = the last end) instead of permuted rows:
@@ -100,18 +104,19 @@ MOE_CLONES float gate_backward_weighted(float* g, const float* a, const float* b
   return swiglu_backward_weighted<float>(g, a, b, gb, hw, n, w);
 }
 
-void check_ffn(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w3,
-               const at::Tensor& w2, at::IntArrayRef ends) {
+void check_ffn(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2,
+               at::IntArrayRef ends) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() &&
                   (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
               "x must be a contiguous (N, D) float32 or float64 tensor");
   const int64_t G = static_cast<int64_t>(ends.size());
-  TORCH_CHECK(w1.dim() == 3 && w1.size(0) == G && w1.size(1) == x.size(1) && w1.is_contiguous(),
-              "w1 must be a contiguous (G, D, H) tensor, one matrix per group");
-  TORCH_CHECK(w3.sizes() == w1.sizes() && w3.is_contiguous(), "w3 must be shaped as w1");
-  TORCH_CHECK(w2.dim() == 3 && w2.size(0) == G && w2.size(1) == w1.size(2) && w2.is_contiguous(),
+  TORCH_CHECK(w13.dim() == 3 && w13.size(0) == G && w13.size(1) == x.size(1) &&
+                  w13.size(2) % 2 == 0 && w13.is_contiguous(),
+              "w13 must be a contiguous (G, D, 2H) tensor, one [gate | up] matrix per group");
+  TORCH_CHECK(w2.dim() == 3 && w2.size(0) == G && w2.size(1) == w13.size(2) / 2 &&
+                  w2.is_contiguous(),
               "w2 must be a contiguous (G, H, D_out) tensor");
-  for (const at::Tensor* w : {&w1, &w3, &w2}) {
+  for (const at::Tensor* w : {&w13, &w2}) {
     TORCH_CHECK(w->scalar_type() == x.scalar_type(), "weights must be of x's dtype");
   }
 }
@@ -151,15 +156,14 @@ at::Tensor piece_rows(const at::Tensor& src, const Route* route, const Piece& p,
   return dst;
 }
 
-// y (rows, D_out), gate, up (rows, H) for the grouped rows: x's own rows, or routed x's token
+// y (rows, D_out), gate_up (rows, 2H) for the grouped rows: x's own rows, or routed x's token
 // rows gathered piece by piece.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ffn_forward(
-    const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w3, const at::Tensor& w2,
-    at::IntArrayRef ends, int64_t rows, const Route* route) {
-  const int64_t D = x.size(1), H = w1.size(2);
+std::tuple<at::Tensor, at::Tensor> ffn_forward(const at::Tensor& x, const at::Tensor& w13,
+                                               const at::Tensor& w2, at::IntArrayRef ends,
+                                               int64_t rows, const Route* route) {
+  const int64_t D = x.size(1), H2 = w13.size(2), H = H2 / 2;
   auto y = at::empty({rows, w2.size(2)}, x.options());
-  auto gate = at::empty({rows, H}, x.options());
-  auto up = at::empty({rows, H}, x.options());
+  auto gate_up = at::empty({rows, H2}, x.options());
   const auto spans = spans_of(ends, rows);
   const int64_t done = spans.empty() ? 0 : spans.back().end;
   const auto runs = plan_for(spans, true, false, Cut(1));
@@ -169,59 +173,55 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ffn_forward(
     auto xg = route != nullptr ? at::empty({most, D}, x.options()) : at::Tensor();
     for (const Piece& p : run) {
       const int64_t n = p.end - p.start;
-      auto xs = piece_rows(x, route, p, xg), gs = gate.narrow(0, p.start, n);
-      auto us = up.narrow(0, p.start, n), hs = h.narrow(0, 0, n);
-      at::mm_out(gs, xs, w1[p.group]);
-      at::mm_out(us, xs, w3[p.group]);
+      auto xs = piece_rows(x, route, p, xg), gus = gate_up.narrow(0, p.start, n);
+      auto hs = h.narrow(0, 0, n);
+      at::mm_out(gus, xs, w13[p.group]);
       AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "grouped_swiglu_forward", [&] {
-        gate_forward(gs.data_ptr<scalar_t>(), us.data_ptr<scalar_t>(), hs.data_ptr<scalar_t>(),
-                     n * H);
+        const scalar_t* gu = gus.data_ptr<scalar_t>();
+        scalar_t* hp = hs.data_ptr<scalar_t>();
+        for (int64_t i = 0; i < n; ++i) gate_forward(gu + i * H2, gu + i * H2 + H, hp + i * H, H);
       });
       auto ys = y.narrow(0, p.start, n);
       at::mm_out(ys, hs, w2[p.group]);
     }
   });
-  for (auto* t : {&y, &gate, &up}) {
+  for (auto* t : {&y, &gate_up}) {
     if (done < rows) t->narrow(0, done, rows - done).zero_();
   }
-  return {y, gate, up};
+  return {y, gate_up};
 }
 
 // A thread's share of one group's weight gradients where another thread holds the group's
 // first rows: added into the gradients after all threads are done.
 struct Share {
   int64_t group;
-  at::Tensor w1, w3, w2;
+  at::Tensor w13, w2;
 };
 
 struct Needs {
-  bool x, w1, w3, w2;
+  bool x, w13, w2;
 };
 
 struct Grads {
-  at::Tensor x, w1, w3, w2;  // x: the grouped rows' gradient (rows, D)
+  at::Tensor x, w13, w2;  // x: the grouped rows' gradient (rows, D)
 };
 
 // The backward over the grouped rows. grad is the rows' output gradient (rows, D_out), or for a
 // routed FFN the tokens' (N, D_out), gathered piece by piece, the combine weights applied in
 // the element-wise pass, which also writes each kept slot's weight gradient into `dots`.
-Grads ffn_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w1,
-                   const at::Tensor& w3, const at::Tensor& w2, const at::Tensor& gate,
-                   const at::Tensor& up, at::IntArrayRef ends, int64_t rows, Needs need,
-                   const Route* route, float* dots) {
-  const int64_t D = x.size(1), H = w1.size(2), G = w1.size(0), Do = w2.size(2);
-  for (const at::Tensor* t : {&gate, &up}) {
-    TORCH_CHECK(t->dim() == 2 && t->size(0) == rows && t->size(1) == H && t->is_contiguous() &&
-                    t->scalar_type() == x.scalar_type(),
-                "gate and up must be the forward's contiguous (", rows, ", ", H, ") tensors");
-  }
+Grads ffn_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w13,
+                   const at::Tensor& w2, const at::Tensor& gate_up, at::IntArrayRef ends,
+                   int64_t rows, Needs need, const Route* route, float* dots) {
+  const int64_t D = x.size(1), H2 = w13.size(2), H = H2 / 2, G = w13.size(0), Do = w2.size(2);
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(0) == rows && gate_up.size(1) == H2 &&
+                  gate_up.is_contiguous() && gate_up.scalar_type() == x.scalar_type(),
+              "gate_up must be the forward's contiguous (", rows, ", ", H2, ") tensor");
   // a routed FFN always runs the weighted pass: the combine weights' gradient needs h
-  const bool need_gate = route != nullptr || need.x || need.w1 || need.w3;
+  const bool need_gate = route != nullptr || need.x || need.w13;
   const bool need_h = route != nullptr || need.w2;
   auto none = [&] { return at::empty({0}, x.options()); };  // a gradient not asked for
   Grads out{need.x ? at::empty({rows, D}, x.options()) : none(),
-            need.w1 ? at::empty_like(w1) : none(), need.w3 ? at::empty_like(w3) : none(),
-            need.w2 ? at::empty_like(w2) : none()};
+            need.w13 ? at::empty_like(w13) : none(), need.w2 ? at::empty_like(w2) : none()};
   const auto spans = spans_of(ends, rows);
   const int64_t done = spans.empty() ? 0 : spans.back().end;
   const auto runs = plan_for(spans, true, false, Cut(1));
@@ -231,75 +231,68 @@ Grads ffn_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor
     auto scratch = [&](int64_t width, bool needed) {
       return needed ? at::empty({most, width}, x.options()) : at::Tensor();
     };
-    auto gh = scratch(H, need_gate);  // grad_h, then grad_gate over it
-    auto gu = scratch(H, need_gate);
+    auto ggu = scratch(H2, need_gate);  // [grad_h, then grad_gate over it | grad_up]
     auto h = scratch(H, need_h);
     auto gg = scratch(Do, route != nullptr);  // gathered output gradient rows
-    auto xg = scratch(D, route != nullptr && (need.w1 || need.w3));
+    auto xg = scratch(D, route != nullptr && need.w13);
     // exact rows: a run holds at most one piece of each group
     for (const Piece& p : run) {
       const int64_t g = p.group, n = p.end - p.start;
       // weight gradients: the run holding the group's first rows writes them, another its share
-      at::Tensor t1, t3, t2;
+      at::Tensor t13, t2;
       if (p.start == spans[g].start) {
-        if (need.w1) t1 = out.w1[g];
-        if (need.w3) t3 = out.w3[g];
+        if (need.w13) t13 = out.w13[g];
         if (need.w2) t2 = out.w2[g];
       } else {
-        if (need.w1) t1 = at::empty({D, H}, x.options());
-        if (need.w3) t3 = at::empty({D, H}, x.options());
+        if (need.w13) t13 = at::empty({D, H2}, x.options());
         if (need.w2) t2 = at::empty({H, Do}, x.options());
-        shares[r].push_back({g, t1, t3, t2});
+        shares[r].push_back({g, t13, t2});
       }
       auto gr = piece_rows(grad, route, p, gg);
-      auto ghs = need_gate ? gh.narrow(0, 0, n) : at::Tensor();
-      auto gus = need_gate ? gu.narrow(0, 0, n) : at::Tensor();
+      auto ggus = need_gate ? ggu.narrow(0, 0, n) : at::Tensor();
       auto hs = need_h ? h.narrow(0, 0, n) : at::Tensor();
-      if (need_gate) at::mm_out(ghs, gr, w2[g].t());
+      if (need_gate) {
+        auto gh = ggus.narrow(1, 0, H);  // grad_h into the gate half: row stride 2H
+        at::mm_out(gh, gr, w2[g].t());
+      }
       if (need_gate || need_h) {
         AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "grouped_swiglu_backward", [&] {
-          const scalar_t* a = gate.data_ptr<scalar_t>() + p.start * H;
-          const scalar_t* b = up.data_ptr<scalar_t>() + p.start * H;
+          const scalar_t* gu = gate_up.data_ptr<scalar_t>() + p.start * H2;
           scalar_t* hp = need_h ? hs.data_ptr<scalar_t>() : nullptr;
-          if (route != nullptr) {  // row by row: each row's combine weight
-            scalar_t* ga = ghs.data_ptr<scalar_t>();
-            scalar_t* gb = gus.data_ptr<scalar_t>();
-            for (int64_t i = 0; i < n; ++i) {
-              const int64_t slot = route->order[p.start + i], o = i * H;
+          scalar_t* gp = need_gate ? ggus.data_ptr<scalar_t>() : nullptr;
+          for (int64_t i = 0; i < n; ++i) {  // row i: gate at gu + i 2H, up H further
+            const scalar_t* a = gu + i * H2;
+            scalar_t* hi = hp != nullptr ? hp + i * H : nullptr;
+            if (route != nullptr) {  // each row's combine weight
+              const int64_t slot = route->order[p.start + i];
               dots[slot] = static_cast<float>(gate_backward_weighted(
-                  ga + o, a + o, b + o, gb + o, hp + o, H,
+                  gp + i * H2, a, a + H, gp + i * H2 + H, hi, H,
                   static_cast<scalar_t>(route->weights[slot])));
+            } else if (need_gate) {
+              gate_backward(gp + i * H2, a, a + H, gp + i * H2 + H, hi, H);
+            } else {
+              gate_forward(a, a + H, hi, H);
             }
-          } else if (need_gate) {
-            gate_backward(ghs.data_ptr<scalar_t>(), a, b, gus.data_ptr<scalar_t>(), hp, n * H);
-          } else {
-            gate_forward(a, b, hp, n * H);
           }
         });
       }
       if (need.w2) at::mm_out(t2, hs.t(), gr);
       if (need.x) {
         auto gxs = out.x.narrow(0, p.start, n);
-        at::mm_out(gxs, ghs, w1[g].t());
-        gxs.addmm_(gus, w3[g].t());
+        at::mm_out(gxs, ggus, w13[g].t());
       }
-      if (need.w1 || need.w3) {
-        auto xs = piece_rows(x, route, p, xg);
-        if (need.w1) at::mm_out(t1, xs.t(), ghs);
-        if (need.w3) at::mm_out(t3, xs.t(), gus);
-      }
+      if (need.w13) at::mm_out(t13, piece_rows(x, route, p, xg).t(), ggus);
     }
   });
   for (const auto& run_shares : shares) {
     for (const Share& s : run_shares) {
-      if (need.w1) out.w1[s.group].add_(s.w1);
-      if (need.w3) out.w3[s.group].add_(s.w3);
+      if (need.w13) out.w13[s.group].add_(s.w13);
       if (need.w2) out.w2[s.group].add_(s.w2);
     }
   }
   for (int64_t g = 0; g < G; ++g) {
     if (spans[g].end > spans[g].start) continue;
-    for (auto* t : {&out.w1, &out.w3, &out.w2}) {
+    for (auto* t : {&out.w13, &out.w2}) {
       if (t->numel() > 0) (*t)[g].zero_();  // no rows: no gradient
     }
   }
@@ -310,29 +303,29 @@ Grads ffn_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor
 Needs needs_of(at::IntArrayRef flags, size_t count, const char* names) {
   TORCH_CHECK(flags.size() == count, "needs must hold ", count, " flags (", names, "), got ",
               flags.size());
-  const size_t o = count - 4;  // x, [weights,] w1, w3, w2
-  return {flags[0] != 0, flags[o + 1] != 0, flags[o + 2] != 0, flags[o + 3] != 0};
+  const size_t o = count - 3;  // x, [weights,] w13, w2
+  return {flags[0] != 0, flags[o + 1] != 0, flags[o + 2] != 0};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_swiglu_forward_cpu(
-    const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w3, const at::Tensor& w2,
-    at::IntArrayRef ends) {
-  check_ffn(x, w1, w3, w2, ends);
-  return ffn_forward(x, w1, w3, w2, ends, x.size(0), nullptr);
+std::tuple<at::Tensor, at::Tensor> grouped_swiglu_forward_cpu(const at::Tensor& x,
+                                                               const at::Tensor& w13,
+                                                               const at::Tensor& w2,
+                                                               at::IntArrayRef ends) {
+  check_ffn(x, w13, w2, ends);
+  return ffn_forward(x, w13, w2, ends, x.size(0), nullptr);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_swiglu_backward_cpu(
-    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w3,
-    const at::Tensor& w2, const at::Tensor& gate, const at::Tensor& up, at::IntArrayRef ends,
-    at::IntArrayRef needs) {
-  check_ffn(x, w1, w3, w2, ends);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_swiglu_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2,
+    const at::Tensor& gate_up, at::IntArrayRef ends, at::IntArrayRef needs) {
+  check_ffn(x, w13, w2, ends);
   const int64_t N = x.size(0);
   TORCH_CHECK(grad.dim() == 2 && grad.size(0) == N && grad.size(1) == w2.size(2) &&
                   grad.is_contiguous() && grad.scalar_type() == x.scalar_type(),
               "grad must be a contiguous (N, D_out) tensor of x's dtype");
-  auto g = ffn_backward(grad, x, w1, w3, w2, gate, up, ends, N,
-                        needs_of(needs, 4, "x, w1, w3, w2"), nullptr, nullptr);
-  return {g.x, g.w1, g.w3, g.w2};
+  auto g = ffn_backward(grad, x, w13, w2, gate_up, ends, N, needs_of(needs, 3, "x, w13, w2"),
+                        nullptr, nullptr);
+  return {g.x, g.w13, g.w2};
 }
 
 // The routed FFN's rows: kept = the last end, each kept row's slot checked (the gathers index
@@ -372,50 +365,47 @@ at::Tensor unpermute(const at::Tensor& y, const at::Tensor& order, const at::Ten
   return op.call(y, order, inverse, weights, k, kept);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_swiglu_forward_cpu(
-    const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w3, const at::Tensor& w2,
-    const at::Tensor& order, const at::Tensor& inverse, const at::Tensor& weights,
-    at::IntArrayRef ends, int64_t k) {
-  check_ffn(x, w1, w3, w2, ends);
+std::tuple<at::Tensor, at::Tensor> routed_swiglu_forward_cpu(
+    const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2, const at::Tensor& order,
+    const at::Tensor& inverse, const at::Tensor& weights, at::IntArrayRef ends, int64_t k) {
+  check_ffn(x, w13, w2, ends);
   const int64_t kept = check_route(x, order, inverse, weights, ends, k);
   const Route route{order.data_ptr<int64_t>(), weights.data_ptr<float>(), k};
-  auto [rows, gate, up] = ffn_forward(x, w1, w3, w2, ends, kept, &route);
-  return {unpermute(rows, order, inverse, weights, k, kept), gate, up};
+  auto [rows, gate_up] = ffn_forward(x, w13, w2, ends, kept, &route);
+  return {unpermute(rows, order, inverse, weights, k, kept), gate_up};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-routed_swiglu_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w1,
-                           const at::Tensor& w3, const at::Tensor& w2, const at::Tensor& gate,
-                           const at::Tensor& up, const at::Tensor& order,
-                           const at::Tensor& inverse, const at::Tensor& weights,
-                           at::IntArrayRef ends, int64_t k, at::IntArrayRef needs) {
-  check_ffn(x, w1, w3, w2, ends);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_swiglu_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2,
+    const at::Tensor& gate_up, const at::Tensor& order, const at::Tensor& inverse,
+    const at::Tensor& weights, at::IntArrayRef ends, int64_t k, at::IntArrayRef needs) {
+  check_ffn(x, w13, w2, ends);
   const int64_t kept = check_route(x, order, inverse, weights, ends, k);
   TORCH_CHECK(grad.dim() == 2 && grad.size(0) == x.size(0) && grad.size(1) == w2.size(2) &&
                   grad.is_contiguous() && grad.scalar_type() == x.scalar_type(),
               "grad must be a contiguous (N, D_out) tensor of x's dtype");
-  const Needs need = needs_of(needs, 5, "x, weights, w1, w3, w2");
+  const Needs need = needs_of(needs, 4, "x, weights, w13, w2");
   const Route route{order.data_ptr<int64_t>(), weights.data_ptr<float>(), k};
   auto dots = at::zeros({inverse.numel()}, weights.options());  // dropped slots: 0
-  auto g = ffn_backward(grad, x, w1, w3, w2, gate, up, ends, kept, need, &route,
+  auto g = ffn_backward(grad, x, w13, w2, gate_up, ends, kept, need, &route,
                         dots.data_ptr<float>());
   // each token's gradient: the sum over its kept slots' rows (zero where none was kept)
   auto grad_x = need.x ? unpermute(g.x, order, inverse, std::nullopt, k, kept) : g.x;
-  return {grad_x, needs[1] != 0 ? dots : at::empty({0}, weights.options()), g.w1, g.w3, g.w2};
+  return {grad_x, needs[1] != 0 ? dots : at::empty({0}, weights.options()), g.w13, g.w2};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(moe_ops, m) {
-  m.def("grouped_swiglu_forward(Tensor x, Tensor w1, Tensor w3, Tensor w2, int[] ends) "
-        "-> (Tensor, Tensor, Tensor)");
-  m.def("grouped_swiglu_backward(Tensor grad, Tensor x, Tensor w1, Tensor w3, Tensor w2, "
-        "Tensor gate, Tensor up, int[] ends, int[] needs) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("routed_swiglu_forward(Tensor x, Tensor w1, Tensor w3, Tensor w2, Tensor order, "
-        "Tensor inverse, Tensor weights, int[] ends, int k) -> (Tensor, Tensor, Tensor)");
-  m.def("routed_swiglu_backward(Tensor grad, Tensor x, Tensor w1, Tensor w3, Tensor w2, "
-        "Tensor gate, Tensor up, Tensor order, Tensor inverse, Tensor weights, int[] ends, "
-        "int k, int[] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("grouped_swiglu_forward(Tensor x, Tensor w13, Tensor w2, int[] ends) "
+        "-> (Tensor, Tensor)");
+  m.def("grouped_swiglu_backward(Tensor grad, Tensor x, Tensor w13, Tensor w2, Tensor gate_up, "
+        "int[] ends, int[] needs) -> (Tensor, Tensor, Tensor)");
+  m.def("routed_swiglu_forward(Tensor x, Tensor w13, Tensor w2, Tensor order, Tensor inverse, "
+        "Tensor weights, int[] ends, int k) -> (Tensor, Tensor)");
+  m.def("routed_swiglu_backward(Tensor grad, Tensor x, Tensor w13, Tensor w2, Tensor gate_up, "
+        "Tensor order, Tensor inverse, Tensor weights, int[] ends, int k, int[] needs) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(moe_ops, CPU, m) {

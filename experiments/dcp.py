@@ -2,7 +2,7 @@
 sizes: save under EP 2, load under EP 1 or 4, bit for bit.
 
 Every MoE block's expert weights (and their AdamW moments) are stored one entry per *global*
-expert, `model.<block>.experts.w1.<e>`, so a checkpoint does not depend on how the experts were
+expert, `model.<block>.experts.w13.<e>`, so a checkpoint does not depend on how the experts were
 sharded: each rank writes the experts it holds and reads the experts it will hold. Replicated
 tensors are written once. A single process (no process group) reads and writes the same format.
 

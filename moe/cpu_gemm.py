@@ -136,21 +136,22 @@ def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return _compiled and x.dtype in (torch.float32, torch.float64)
 
 
-def grouped_swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
+def grouped_swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                    offsets: torch.Tensor) -> torch.Tensor | None:
     """The whole grouped SwiGLU FFN as one compiled op with one C++ autograd node
-    (`moe_ops::grouped_swiglu`: the same products as three `split_grouped_linear` calls and the
-    fused swiglu, the input gradient of the gate and up products summed in one pass; in float32 /
-    float64 every step run group by group within each thread, csrc/swiglu_ffn_cpu.cpp); None
-    where it does not apply (no compiled kernels, or not every tensor of x's dtype on CPU)."""
-    if not _compiled or not all(applies(x, w) for w in (w1, w3, w2)):
+    (`moe_ops::grouped_swiglu`: w13 (G, D, 2H) holds each group's gate and up weights side by
+    side, so they are one product, as are their weight gradient and the input gradient; in
+    float32 / float64 every step run group by group within each thread,
+    csrc/swiglu_ffn_cpu.cpp); None where it does not apply (no compiled kernels, or not every
+    tensor of x's dtype on CPU)."""
+    if not _compiled or not all(applies(x, w) for w in (w13, w2)):
         return None
-    return torch.ops.moe_ops.grouped_swiglu(x.contiguous(), w1, w3, w2, offsets.tolist(),
+    return torch.ops.moe_ops.grouped_swiglu(x.contiguous(), w13, w2, offsets.tolist(),
                                             block_rows(x.dtype))
 
 
-def routed_swiglu(rows: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
-                  dispatch, weight: torch.Tensor) -> torch.Tensor | None:
+def routed_swiglu(rows: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, dispatch,
+                  weight: torch.Tensor) -> torch.Tensor | None:
     """An MoE's experts with the dispatch's gather and weighted combine in the same op:
     rows (N, D) tokens, `dispatch` a `moe.dispatch.TopKDispatch` (exact rows), weight (N, k)
     -> (N, D), equal to `dispatch.combine(grouped_swiglu(dispatch.gather(rows), ...), weight)`
@@ -159,10 +160,10 @@ def routed_swiglu(rows: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: to
     from h, so neither the permuted rows nor the expert outputs are kept). float32 / float64 on
     CPU with the compiled kernels; None elsewhere."""
     if not _compiled or rows.dtype not in (torch.float32, torch.float64) or \
-            not all(applies(rows, w) for w in (w1, w3, w2)):
+            not all(applies(rows, w) for w in (w13, w2)):
         return None
     return torch.ops.moe_ops.routed_swiglu(
-        rows.contiguous(), w1, w3, w2, dispatch.order, dispatch.inverse,
+        rows.contiguous(), w13, w2, dispatch.order, dispatch.inverse,
         weight.reshape(-1).float().contiguous(), dispatch.offsets.tolist(), dispatch.k)
 
 

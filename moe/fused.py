@@ -2,6 +2,7 @@
 
     rms_norm(x, weight, eps, group_rows)  RMSNorm; weight (G, D) gives one row per group of rows
     swiglu(a, b)                          the SwiGLU gate silu(a) * b
+    swiglu_halves(gate_up)                the same of gate_up = [a | b] side by side
     rotary(x, cos, sin)                   rotary embeddings, x (B, T, H, hd), cos/sin (B, T, 1, hd)
     qkv_heads(qkv, H, KV, cos, sin, ...)  the attention's q, k, v from its fused projection: split,
                                           QK-norm, rotary and (for grouped rows) sequence order
@@ -44,6 +45,12 @@ def rms_norm_reference(x, weight, eps: float, group_rows=None):
 
 def swiglu_reference(a, b):
     return torch.nn.functional.silu(a) * b
+
+
+def swiglu_halves_reference(gate_up):
+    """gate_up (M, 2H), the gate and up products side by side -> silu(gate) * up (M, H)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return swiglu_reference(gate, up)
 
 
 def rotary_reference(x, cos, sin):
@@ -101,6 +108,15 @@ if AVAILABLE:
     def _(grad, a, b):
         return torch.empty_like(a), torch.empty_like(b)
 
+    # gate and up side by side (M, 2H): the grouped SwiGLU FFN's half-precision passes
+    @torch.library.register_fake("moe_ops::swiglu_halves")
+    def _(gate_up):
+        return gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
+
+    @torch.library.register_fake("moe_ops::swiglu_halves_backward")
+    def _(grad, gate_up):
+        return torch.empty_like(gate_up)
+
     @torch.library.register_fake("moe_ops::rotary")
     def _(x, cos, sin, transpose):
         return x.new_empty(x.shape, dtype=cos.dtype)
@@ -157,6 +173,12 @@ def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.shape != b.shape or not _pair_ok(a, b) or b.dtype != a.dtype:
         return swiglu_reference(a, b)
     return ops.swiglu(a.contiguous(), b.contiguous())
+
+
+def swiglu_halves(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up (..., 2H) = [gate | up] -> (..., H)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return swiglu(gate, up)
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -235,47 +235,34 @@ def _register_grouped_mm_flops() -> None:
         def _inner_flops(a_shape, b_shape, ends, *args, **kwargs) -> int:
             return 2 * (ends[-1] if ends else 0) * a_shape[1] * b_shape[1]
 
-        @flop_counter.register_flop_formula(torch.ops.moe_ops.group_rows_mm_sum)
-        def _rows_sum_flops(a_shape, b_shape, a2_shape, b2_shape, ends, *args, **kwargs) -> int:
-            return 2 * (ends[-1] if ends else 0) * (a_shape[1] + a2_shape[1]) * b_shape[2]
-
-        @flop_counter.register_flop_formula(torch.ops.moe_ops.group_rows_mm2)
-        def _rows2_flops(a_shape, b_shape, b2_shape, ends, *args, **kwargs) -> int:
-            return 2 * (ends[-1] if ends else 0) * a_shape[1] * (b_shape[2] + b2_shape[2])
-
-        @flop_counter.register_flop_formula(torch.ops.moe_ops.group_inner_mm2)
-        def _inner2_flops(a_shape, b_shape, b2_shape, ends, *args, **kwargs) -> int:
-            return 2 * (ends[-1] if ends else 0) * a_shape[1] * (b_shape[1] + b2_shape[1])
-
         # the fused SwiGLU FFN (float32 / float64): its products, as the separate kernels count
         @flop_counter.register_flop_formula(torch.ops.moe_ops.grouped_swiglu_forward)
-        def _ffn_flops(x_shape, w1_shape, w3_shape, w2_shape, ends, *args, **kwargs) -> int:
-            D, H, Do = x_shape[1], w1_shape[2], w2_shape[2]
-            return 2 * (ends[-1] if ends else 0) * (2 * D * H + H * Do)
+        def _ffn_flops(x_shape, w13_shape, w2_shape, ends, *args, **kwargs) -> int:
+            D, H2, Do = x_shape[1], w13_shape[2], w2_shape[2]
+            return 2 * (ends[-1] if ends else 0) * (D * H2 + H2 // 2 * Do)
 
         @flop_counter.register_flop_formula(torch.ops.moe_ops.grouped_swiglu_backward)
-        def _ffn_backward_flops(grad_shape, x_shape, w1_shape, w3_shape, w2_shape, gate_shape,
-                                up_shape, ends, needs, *args, **kwargs) -> int:
-            D, H, Do = x_shape[1], w1_shape[2], w2_shape[2]
-            need_x, need_w1, need_w3, need_w2 = (bool(n) for n in needs)
-            products = (need_x or need_w1 or need_w3) * H * Do + need_w2 * H * Do \
-                + need_x * 2 * H * D + (need_w1 + need_w3) * D * H
+        def _ffn_backward_flops(grad_shape, x_shape, w13_shape, w2_shape, gate_up_shape, ends,
+                                needs, *args, **kwargs) -> int:
+            D, H2, Do = x_shape[1], w13_shape[2], w2_shape[2]
+            need_x, need_w13, need_w2 = (bool(n) for n in needs)
+            products = (need_x or need_w13) * H2 // 2 * Do + need_w2 * H2 // 2 * Do \
+                + (need_x + need_w13) * H2 * D
             return 2 * (ends[-1] if ends else 0) * products
 
         # the routed FFN (gather and combine in the same kernels): the same products
         @flop_counter.register_flop_formula(torch.ops.moe_ops.routed_swiglu_forward)
-        def _routed_flops(x_shape, w1_shape, w3_shape, w2_shape, order_shape, inverse_shape,
+        def _routed_flops(x_shape, w13_shape, w2_shape, order_shape, inverse_shape,
                           weights_shape, ends, k, *args, **kwargs) -> int:
-            return _ffn_flops(x_shape, w1_shape, w3_shape, w2_shape, ends)
+            return _ffn_flops(x_shape, w13_shape, w2_shape, ends)
 
         @flop_counter.register_flop_formula(torch.ops.moe_ops.routed_swiglu_backward)
-        def _routed_backward_flops(grad_shape, x_shape, w1_shape, w3_shape, w2_shape, gate_shape,
-                                   up_shape, order_shape, inverse_shape, weights_shape, ends, k,
-                                   needs, *args, **kwargs) -> int:
-            need_x, _, need_w1, need_w3, need_w2 = needs  # the weights' gradient: no product
-            return _ffn_backward_flops(grad_shape, x_shape, w1_shape, w3_shape, w2_shape,
-                                       gate_shape, up_shape, ends, [need_x, need_w1, need_w3,
-                                                                    need_w2])
+        def _routed_backward_flops(grad_shape, x_shape, w13_shape, w2_shape, gate_up_shape,
+                                   order_shape, inverse_shape, weights_shape, ends, k, needs,
+                                   *args, **kwargs) -> int:
+            need_x, _, need_w13, need_w2 = needs  # the weights' gradient: no product
+            return _ffn_backward_flops(grad_shape, x_shape, w13_shape, w2_shape, gate_up_shape,
+                                       ends, [need_x, need_w13, need_w2])
 
     op = getattr(torch.ops.aten, "_grouped_mm", None)
     if op is None or op in flop_counter.flop_registry:

@@ -20,16 +20,14 @@ from moe.config import MoEConfig
 from moe.moe import MoE
 
 
-def _expert_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> w1, w3 (E, D, H) and w2 (E, H, D) in our layout."""
-    if hasattr(experts, "gate_up_proj"):
-        gate_up = experts.gate_up_proj.detach()  # (E, 2H, D)
-        w1, w3 = gate_up.chunk(2, dim=1)
-        return w1.transpose(1, 2), w3.transpose(1, 2), experts.down_proj.detach().transpose(1, 2)
-    w1 = torch.stack([e.w1.weight.detach().t() for e in experts])
-    w3 = torch.stack([e.w3.weight.detach().t() for e in experts])
+def _expert_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> w13 (E, D, 2H) (gate | up) and w2 (E, H, D) in our layout."""
+    if hasattr(experts, "gate_up_proj"):  # (E, 2H, D): gate rows, then up rows
+        return experts.gate_up_proj.detach().transpose(1, 2), \
+            experts.down_proj.detach().transpose(1, 2)
+    w13 = torch.stack([torch.cat([e.w1.weight, e.w3.weight]).detach().t() for e in experts])
     w2 = torch.stack([e.w2.weight.detach().t() for e in experts])
-    return w1, w3, w2
+    return w13, w2
 
 
 def from_hf(block: nn.Module, **options) -> MoE:
@@ -37,10 +35,10 @@ def from_hf(block: nn.Module, **options) -> MoE:
     `MoEConfig` (losses, capacity, ...), which do not change the forward."""
     router = block.gate.weight.detach()  # (E, D)
     E, D = router.shape
-    w1, w3, w2 = _expert_weights(block.experts)
+    w13, w2 = _expert_weights(block.experts)
     shared = getattr(block, "shared_expert", None)
     gate = getattr(block, "shared_expert_gate", None)
-    cfg = MoEConfig(dim=D, hidden=w1.shape[2], num_experts=E,
+    cfg = MoEConfig(dim=D, hidden=w2.shape[1], num_experts=E,
                     top_k=getattr(block.gate, "top_k", getattr(block, "top_k", None)),
                     renormalize=bool(getattr(block.gate, "norm_topk_prob", True)),
                     shared_experts=1 if shared is not None else 0,
@@ -49,8 +47,7 @@ def from_hf(block: nn.Module, **options) -> MoE:
     moe = MoE(cfg).to(router.dtype)
     with torch.no_grad():
         moe.router.weight.copy_(router)
-        moe.experts.w1.copy_(w1)
-        moe.experts.w3.copy_(w3)
+        moe.experts.w13.copy_(w13)
         moe.experts.w2.copy_(w2)
         if shared is not None:
             moe.shared.w1.weight.copy_(shared.gate_proj.weight)
@@ -65,8 +62,7 @@ def hf_state_dict(moe: MoE) -> dict[str, torch.Tensor]:
     """Our weights under the names and layout of a transformers >= 5 sparse-MoE block."""
     e = moe.experts
     state = {"gate.weight": moe.router.weight.detach().clone(),
-             "experts.gate_up_proj": torch.cat([e.w1, e.w3], dim=2).detach().transpose(1, 2)
-             .contiguous(),
+             "experts.gate_up_proj": e.w13.detach().transpose(1, 2).contiguous(),
              "experts.down_proj": e.w2.detach().transpose(1, 2).contiguous()}
     if moe.shared is not None:
         state |= {"shared_expert.gate_proj.weight": moe.shared.w1.weight.detach().clone(),

@@ -54,18 +54,30 @@ class GroupedLinear(nn.Module):
 class GroupedSwiGLU(nn.Module):
     """One SwiGLU FFN per group: `w2[g](silu(w1[g] x) * w3[g] x)`.
 
-    Weights are w1, w3 (G, D, H) and w2 (G, H, D). Records tokens per group in `self.stats`.
+    Weights are w13 (G, D, 2H), each group's gate and up weights side by side (`w1` and `w3` are
+    its two halves, as views), and w2 (G, H, D): the gate and up products are one product, as in
+    HF's `gate_up_proj` and Megatron's fused fc1. Records tokens per group in `self.stats`.
     """
 
     def __init__(self, num_groups: int, dim: int, hidden: int):
         super().__init__()
         self.num_groups, self.dim, self.hidden = num_groups, dim, hidden
-        self.w1 = nn.Parameter(torch.empty(num_groups, dim, hidden))
-        self.w3 = nn.Parameter(torch.empty(num_groups, dim, hidden))
-        self.w2 = nn.Parameter(torch.empty(num_groups, hidden, dim))
-        for w in (self.w1, self.w3, self.w2):
-            nn.init.normal_(w, std=w.shape[1] ** -0.5)
+        gate, up, down = (nn.init.normal_(torch.empty(num_groups, d_in, d_out), std=d_in ** -0.5)
+                          for d_in, d_out in ((dim, hidden), (dim, hidden), (hidden, dim)))
+        self.w13 = nn.Parameter(torch.cat([gate, up], dim=-1))
+        self.w2 = nn.Parameter(down)
         self.stats = RoutingStats()
+        self._register_load_state_dict_pre_hook(_join_gate_up)
+
+    @property
+    def w1(self) -> torch.Tensor:
+        """The gate weights (G, D, H): a view of w13's first half (writes reach w13)."""
+        return self.w13[..., :self.hidden]
+
+    @property
+    def w3(self) -> torch.Tensor:
+        """The up weights (G, D, H): a view of w13's second half."""
+        return self.w13[..., self.hidden:]
 
     def forward(self, x: torch.Tensor, groups) -> torch.Tensor:
         g = as_grouping(groups, self.num_groups, x)
@@ -79,23 +91,29 @@ class GroupedSwiGLU(nn.Module):
             gate = grouped_linear_reference(x, self.w1, offsets)
             up = grouped_linear_reference(x, self.w3, offsets)
             return grouped_linear_reference(F.silu(gate) * up, self.w2, offsets)
-        y = cpu_gemm.grouped_swiglu(x, self.w1, self.w3, self.w2, offsets)  # one op on CPU
+        y = cpu_gemm.grouped_swiglu(x, self.w13, self.w2, offsets)  # one op on CPU
         if y is not None:
             return y
-        # the gate's backward hands the first two products fresh, contiguous gradients
-        gate = grouped_linear(x, self.w1, offsets, contiguous_grad=True)  # (N, H)
-        up = grouped_linear(x, self.w3, offsets, contiguous_grad=True)
-        return grouped_linear(fused.swiglu(gate, up), self.w2, offsets)  # (N, D)
+        # the gate's backward hands the product a fresh, contiguous gradient
+        gate_up = grouped_linear(x, self.w13, offsets, contiguous_grad=True)  # (N, 2H)
+        return grouped_linear(fused.swiglu_halves(gate_up), self.w2, offsets)  # (N, D)
 
     def ffn_padded(self, x: torch.Tensor) -> torch.Tensor:
         """x (G, C, D): C rows per group (zeros where a group has fewer) -> (G, C, D), as one
         batched matmul per weight. Equals `ffn` on the groups' real rows."""
-        h = fused.swiglu(torch.bmm(x, self.w1), torch.bmm(x, self.w3))  # (G, C, H)
-        return torch.bmm(h, self.w2)
+        return torch.bmm(fused.swiglu_halves(torch.bmm(x, self.w13)), self.w2)  # (G, C, H) h
 
     def group_slices(self):
-        return [(w, g, slice(g, g + 1)) for w in (self.w1, self.w3, self.w2)
+        return [(w, g, slice(g, g + 1)) for w in (self.w13, self.w2)
                 for g in range(self.num_groups)]
 
     def extra_repr(self) -> str:
         return f"groups={self.num_groups}, dim={self.dim}, hidden={self.hidden}"
+
+
+def _join_gate_up(state_dict, prefix, *args) -> None:
+    """Load state dicts saved with separate `w1` and `w3` (G, D, H) into w13 (G, D, 2H)."""
+    w1, w3 = state_dict.get(prefix + "w1"), state_dict.get(prefix + "w3")
+    if w1 is not None and w3 is not None and prefix + "w13" not in state_dict:
+        state_dict[prefix + "w13"] = torch.cat([state_dict.pop(prefix + "w1"),
+                                                state_dict.pop(prefix + "w3")], dim=-1)

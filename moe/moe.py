@@ -133,7 +133,7 @@ class MoE(nn.Module):
             return y, dispatch.dropped, routed
         if not padded and cfg.implementation != "loop":  # gather, experts, combine: one op
             e = self.experts
-            y = cpu_gemm.routed_swiglu(rows, e.w1, e.w3, e.w2, dispatch, weight)
+            y = cpu_gemm.routed_swiglu(rows, e.w13, e.w2, dispatch, weight)
             if y is not None:
                 return y, dispatch.dropped, routed
         x = dispatch.gather(rows)  # (kept, D)

@@ -142,38 +142,24 @@ if AVAILABLE:
     def _(a, b, ends, spread, block=64):
         return a.new_empty(len(ends), a.shape[1], b.shape[1])
 
-    @torch.library.register_fake("moe_ops::group_rows_mm_sum")
-    def _(a, b, a2, b2, ends, spread, block=64):
-        return a.new_empty(a.shape[0], b.shape[2])
-
-    @torch.library.register_fake("moe_ops::group_rows_mm2")
-    def _(a, b, b2, ends, spread, block=64):
-        return a.new_empty(a.shape[0], b.shape[2]), a.new_empty(a.shape[0], b2.shape[2])
-
-    @torch.library.register_fake("moe_ops::group_inner_mm2")
-    def _(a, b, b2, ends, spread, block=64):
-        return (a.new_empty(len(ends), a.shape[1], b.shape[1]),
-                a.new_empty(len(ends), a.shape[1], b2.shape[1]))
-
     @torch.library.register_fake("moe_ops::grouped_swiglu_forward")
-    def _(x, w1, w3, w2, ends):
-        N, H = x.shape[0], w1.shape[2]
-        return x.new_empty(N, w2.shape[2]), x.new_empty(N, H), x.new_empty(N, H)
+    def _(x, w13, w2, ends):
+        return x.new_empty(x.shape[0], w2.shape[2]), x.new_empty(x.shape[0], w13.shape[2])
 
     @torch.library.register_fake("moe_ops::grouped_swiglu_backward")
-    def _(grad, x, w1, w3, w2, gate, up, ends, needs):
+    def _(grad, x, w13, w2, gate_up, ends, needs):
         return tuple(t.new_empty(t.shape) if need else x.new_empty(0)
-                     for t, need in zip((x, w1, w3, w2), needs))
+                     for t, need in zip((x, w13, w2), needs))
 
     @torch.library.register_fake("moe_ops::routed_swiglu_forward")
-    def _(x, w1, w3, w2, order, inverse, weights, ends, k):
-        kept, H = ends[-1] if ends else 0, w1.shape[2]
-        return x.new_empty(x.shape[0], w2.shape[2]), x.new_empty(kept, H), x.new_empty(kept, H)
+    def _(x, w13, w2, order, inverse, weights, ends, k):
+        kept = ends[-1] if ends else 0
+        return x.new_empty(x.shape[0], w2.shape[2]), x.new_empty(kept, w13.shape[2])
 
     @torch.library.register_fake("moe_ops::routed_swiglu_backward")
-    def _(grad, x, w1, w3, w2, gate, up, order, inverse, weights, ends, k, needs):
+    def _(grad, x, w13, w2, gate_up, order, inverse, weights, ends, k, needs):
         return tuple(t.new_empty(t.shape) if need else t.new_empty(0)
-                     for t, need in zip((x, weights, w1, w3, w2), needs))
+                     for t, need in zip((x, weights, w13, w2), needs))
 
 
 def _compiled(t: torch.Tensor) -> bool:

@@ -157,9 +157,9 @@ def shard_experts(model: nn.Module, group=None) -> list[MoE]:
         if block.dispatcher is not None:
             raise ValueError("shard_experts: the model's experts are already sharded")
         full, local = block.experts, cfg.num_experts // size
-        shard = GroupedSwiGLU(local, full.dim, full.hidden).to(full.w1.device, full.w1.dtype)
+        shard = GroupedSwiGLU(local, full.dim, full.hidden).to(full.w2.device, full.w2.dtype)
         with torch.no_grad():
-            for name in ("w1", "w3", "w2"):
+            for name in ("w13", "w2"):
                 getattr(shard, name).copy_(getattr(full, name)[rank * local:(rank + 1) * local])
                 getattr(shard, name).requires_grad_(getattr(full, name).requires_grad)
         block.experts = shard

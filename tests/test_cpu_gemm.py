@@ -170,13 +170,9 @@ def test_group_kernels_pass_opcheck(block):
     xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
     torch.library.opcheck(torch.ops.moe_ops.group_mm, (xg, wg, ends, block))
     torch.library.opcheck(torch.ops.moe_ops.group_mm, (x, wg, ends, block))
-    torch.library.opcheck(torch.ops.moe_ops.group_rows_mm_sum,
-                          (x, w, x, w, ends, True, block))
-    torch.library.opcheck(torch.ops.moe_ops.group_rows_mm2, (x, w, w, ends, True, block))
-    torch.library.opcheck(torch.ops.moe_ops.group_inner_mm2, (x, g, g, ends, True, block))
-    w2 = torch.randn(w.shape[0], w.shape[2], 16, requires_grad=True)
-    torch.library.opcheck(torch.ops.moe_ops.grouped_swiglu, (xg, wg, wg, w2, ends, block))
-    torch.library.opcheck(torch.ops.moe_ops.grouped_swiglu, (x, w, w, w2.detach(), ends, block))
+    w2 = torch.randn(w.shape[0], w.shape[2] // 2, 16, requires_grad=True)  # w: [w1 | w3]
+    torch.library.opcheck(torch.ops.moe_ops.grouped_swiglu, (xg, wg, w2, ends, block))
+    torch.library.opcheck(torch.ops.moe_ops.grouped_swiglu, (x, w, w2.detach(), ends, block))
 
 
 @needs_kernels
@@ -201,48 +197,6 @@ def test_group_mm_op_equals_the_per_group_loop(sizes, block):
     torch.testing.assert_close(gx_only, gx, rtol=0, atol=0)
 
 
-@needs_kernels
-@pytest.mark.parametrize("block", [BLOCK, 1], ids=["blocks", "exact"])
-@pytest.mark.parametrize("sizes", SIZES)
-def test_group_rows_sum_equals_two_products(sizes, block):
-    # out = a @ b[g] + a2 @ b2[g] per group, the second product added into the first's rows,
-    # spills and put-back rows included; rows past the groups are zero
-    x, w, offsets = case(sizes, torch.float64, extra_rows=5)
-    x2, w2, _ = case(sizes, torch.float64, d_in=16, extra_rows=5, seed=1)
-    ends = offsets.tolist()
-    for spread in (True, False):  # b2 as a transposed view, as the backward passes weights
-        got = torch.ops.moe_ops.group_rows_mm_sum(x.detach(), w.detach(), x2.detach(),
-                                                  w2.detach().transpose(1, 2).contiguous()
-                                                  .transpose(1, 2), ends, spread, block)
-        want = torch.cat([grouped_linear_reference(x, w, offsets)
-                          + grouped_linear_reference(x2, w2, offsets),
-                          x.new_zeros(5, w.shape[2])]).detach()
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-
-
-@needs_kernels
-@pytest.mark.parametrize("block", [BLOCK, 1], ids=["blocks", "exact"])
-@pytest.mark.parametrize("sizes", SIZES)
-def test_paired_products_equal_two_calls(sizes, block):
-    # two products of one a in one pass, rows and inner: exactly the single products
-    x, w, offsets = case(sizes, torch.float64, extra_rows=5)
-    _, w2, _ = case(sizes, torch.float64, d_out=8, seed=1)
-    x, w, w2, ends = x.detach(), w.detach(), w2.detach(), offsets.tolist()
-    g = torch.randn(x.shape[0], 40, dtype=torch.float64)
-    g2 = torch.randn(x.shape[0], 8, dtype=torch.float64)
-    for spread in (True, False):
-        y, y2 = torch.ops.moe_ops.group_rows_mm2(x, w, w2, ends, spread, block)
-        torch.testing.assert_close(y, torch.ops.moe_ops.group_rows_mm(x, w, ends, spread, block),
-                                   rtol=0, atol=0)
-        torch.testing.assert_close(y2, torch.ops.moe_ops.group_rows_mm(x, w2, ends, spread,
-                                                                       block), rtol=0, atol=0)
-        i, i2 = torch.ops.moe_ops.group_inner_mm2(x, g, g2, ends, spread, block)
-        torch.testing.assert_close(i, torch.ops.moe_ops.group_inner_mm(x, g, ends, spread,
-                                                                       block), rtol=0, atol=0)
-        torch.testing.assert_close(i2, torch.ops.moe_ops.group_inner_mm(x, g2, ends, spread,
-                                                                        block), rtol=0, atol=0)
-
-
 def swiglu_loop(x, w1, w3, w2, offsets):
     """The expert FFN group by group: silu(x w1[g]) * (x w3[g]), then w2[g]."""
     h = torch.nn.functional.silu(grouped_linear_reference(x, w1, offsets)) \
@@ -254,24 +208,27 @@ def swiglu_loop(x, w1, w3, w2, offsets):
 @pytest.mark.parametrize("block", [BLOCK, 1], ids=["blocks", "exact"])
 @pytest.mark.parametrize("sizes", SIZES)
 def test_grouped_swiglu_op_equals_the_per_group_loop(sizes, block):
-    # the whole expert FFN as one op: forward and all four gradients, then with parts frozen
-    x, w1, offsets = case(sizes, torch.float64, extra_rows=4)
-    _, w3, _ = case(sizes, torch.float64, seed=1)
+    # the whole expert FFN as one op (w13 = [w1 | w3]): forward and all gradients against the
+    # loop with gate and up apart, then with parts frozen
+    x, w13, offsets = case(sizes, torch.float64, d_out=80, extra_rows=4)
     w2 = torch.randn(len(sizes), 40, 24, dtype=torch.float64, requires_grad=True)
     ends, n = offsets.tolist(), sum(sizes)
-    y = torch.ops.moe_ops.grouped_swiglu(x, w1, w3, w2, ends, block)
-    ref = swiglu_loop(x, w1, w3, w2, offsets)
+    y = torch.ops.moe_ops.grouped_swiglu(x, w13, w2, ends, block)
+    ref = swiglu_loop(x, *w13.chunk(2, dim=-1), w2, offsets)
     torch.testing.assert_close(y[:n], ref, rtol=1e-12, atol=1e-12)
     assert torch.equal(y[n:], y.new_zeros(4, 24))
     grad = torch.randn_like(y)
-    got = torch.autograd.grad(y, (x, w1, w3, w2), grad)
-    want = torch.autograd.grad(ref, (x, w1, w3, w2), grad[:n])
+    got = torch.autograd.grad(y, (x, w13, w2), grad)
+    want = torch.autograd.grad(ref, (x, w13, w2), grad[:n])
     for g, r in zip(got, want):
         torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)  # x's: zero past the groups
-    frozen = torch.ops.moe_ops.grouped_swiglu(x, w1.detach(), w3, w2.detach(), ends, block)
-    gx, gw3 = torch.autograd.grad(frozen, (x, w3), grad)
+    frozen = torch.ops.moe_ops.grouped_swiglu(x, w13, w2.detach(), ends, block)
+    gx, gw13 = torch.autograd.grad(frozen, (x, w13), grad)
     torch.testing.assert_close(gx, got[0], rtol=0, atol=0)
-    torch.testing.assert_close(gw3, got[2], rtol=0, atol=0)
+    torch.testing.assert_close(gw13, got[1], rtol=0, atol=0)
+    (gx_only,) = torch.autograd.grad(torch.ops.moe_ops.grouped_swiglu(x, w13.detach(), w2,
+                                                                      ends, block), x, grad)
+    torch.testing.assert_close(gx_only, got[0], rtol=0, atol=0)
 
 
 @needs_kernels

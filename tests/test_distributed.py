@@ -96,8 +96,8 @@ def test_checkpoint_reshards_from_ep2_to_ep1_and_back_bit_exact(tmp_path):
     cfg = _config(tmp_path)
     saved = spawn(_save_ep2, 2, cfg, tmp_path / "ep2")
     whole = {**saved[0], **saved[1]}
-    assert any(k.endswith(".w1.3") for k in saved[1]) and not any(
-        k.endswith(".w1.3") for k in saved[0])  # expert 3 lives on rank 1 only
+    assert any(k.endswith(".w13.3") for k in saved[1]) and not any(
+        k.endswith(".w13.3") for k in saved[0])  # expert 3 lives on rank 1 only
     model = MultimodalTransformer(cfg.model)
     optimizer = build_optimizer(model, cfg.train)
     dcp.load(tmp_path / "ep2", model, optimizer)  # one process, no process group

@@ -256,3 +256,32 @@ def test_fused_ops_take_empty_inputs():
     assert m.group_rows_mm(torch.randn(0, 4), torch.randn(2, 4, 3), [0, 0], True).shape == (0, 3)
     assert torch.equal(m.group_inner_mm(torch.randn(0, 4), torch.randn(0, 3), [0, 0], True),
                        torch.zeros(2, 4, 3))
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("rows,hidden", [(0, 8), (1, 1), (37, 24), (300, 64)])
+def test_swiglu_halves_equal_swiglu_on_the_two_halves(dtype, rows, hidden):
+    # gate and up side by side in one (M, 2H) tensor: the same values as swiglu of the halves,
+    # and the backward writes both gradients side by side, bit for bit those of swiglu_backward
+    g = torch.Generator().manual_seed(0)
+    gate_up = (torch.randn(rows, 2 * hidden, generator=g) * 3).to(dtype)
+    grad = torch.randn(rows, hidden, generator=g).to(dtype)
+    gate, up = (t.contiguous() for t in gate_up.chunk(2, dim=-1))
+    h = torch.ops.moe_ops.swiglu_halves(gate_up)
+    assert torch.equal(h, torch.ops.moe_ops.swiglu(gate, up))
+    ga, gb = torch.ops.moe_ops.swiglu_backward(grad, gate, up)
+    assert torch.equal(torch.ops.moe_ops.swiglu_halves_backward(grad, gate_up),
+                       torch.cat([ga, gb], dim=-1))
+    torch.testing.assert_close(h.double(), fused.swiglu_halves_reference(gate_up.double()),
+                               **tol(dtype))
+    torch.library.opcheck(torch.ops.moe_ops.swiglu_halves, (gate_up,))
+    torch.library.opcheck(torch.ops.moe_ops.swiglu_halves_backward, (grad, gate_up))
+
+
+@needs_kernels
+def test_swiglu_halves_reject_bad_input():
+    with pytest.raises(RuntimeError, match="gate_up must be a contiguous"):
+        torch.ops.moe_ops.swiglu_halves(torch.ones(4, 5))  # odd width
+    with pytest.raises(RuntimeError, match="grad must be a contiguous"):
+        torch.ops.moe_ops.swiglu_halves_backward(torch.ones(4, 3), torch.ones(4, 4))

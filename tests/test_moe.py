@@ -33,9 +33,10 @@ def test_one_expert_top1_dropless_equals_dense_ffn():
     y.backward(grad)
     y_ref.backward(grad)
     torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-6, rtol=1e-6)
-    for name in ("w1", "w3", "w2"):
-        torch.testing.assert_close(getattr(moe.experts, name).grad[0],
-                                   getattr(dense, name).weight.grad.t(), atol=1e-6, rtol=1e-6)
+    gate_up = torch.cat([dense.w1.weight.grad, dense.w3.weight.grad]).t()  # (D, 2H) = [w1 | w3]
+    torch.testing.assert_close(moe.experts.w13.grad[0], gate_up, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(moe.experts.w2.grad[0], dense.w2.weight.grad.t(), atol=1e-6,
+                               rtol=1e-6)
 
 
 CONFIGS = [dict(), dict(score="sigmoid", renormalize=False), dict(capacity_factor=0.75),

@@ -31,19 +31,23 @@ def test_identical_copies_equal_dense(untie, options):
     loss_mot.backward()
     dense_grads = dict(dense.named_parameters())
     for name, p in mot.named_parameters():
-        ref = dense_grads.get(name, dense_grads.get(f"{name}.weight"))
+        if name.endswith("w13"):  # the grouped FFN's gate and up side by side: dense w1, w3
+            stem = name[:-len("w13")]
+            want = torch.cat([dense_grads[f"{stem}w{i}.weight"].grad for i in (1, 3)])
+        else:
+            want = dense_grads.get(name, dense_grads.get(f"{name}.weight")).grad
         grad = p.grad
-        if grad.shape != ref.grad.shape:  # untied: the copies' gradients add up to the dense one
+        if grad.shape != want.shape:  # untied: the copies' gradients add up to the dense one
             grad = grad.sum(0)
             grad = grad.t() if grad.dim() == 2 else grad
-        torch.testing.assert_close(grad, ref.grad, atol=1e-6, rtol=1e-5, msg=name)
+        torch.testing.assert_close(grad, want, atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_untie_levels_own_the_right_parts():
     shapes = {u: {n: p.dim() for n, p in MultimodalTransformer(mot_config(u)).named_parameters()}
               for u in UNTIE}
     grouped = lambda u, n: shapes[u][n] == (3 if "wqkv" in n or "ffn" in n or "wo" in n else 2)  # noqa
-    assert grouped("ffn", "layers.0.ffn.w1") and not grouped("ffn", "layers.0.attn.wqkv.weight")
+    assert grouped("ffn", "layers.0.ffn.w13") and not grouped("ffn", "layers.0.attn.wqkv.weight")
     assert grouped("ffn+attn", "layers.0.attn.wqkv.weight")
     assert grouped("ffn+attn", "layers.0.attn.q_norm.weight")
     assert not grouped("ffn+attn", "layers.0.attn_norm.weight")
@@ -82,8 +86,8 @@ def test_freeze_by_modality(untie):
     text_rows = slice(0, 40)
     assert torch.equal(params["embed.weight"][text_rows], before["embed.weight"][text_rows])
     assert not torch.equal(params["embed.weight"][40:], before["embed.weight"][40:])
-    assert torch.equal(params["layers.0.ffn.w1"][0], before["layers.0.ffn.w1"][0])
-    assert not torch.equal(params["layers.0.ffn.w1"][1], before["layers.0.ffn.w1"][1])
+    assert torch.equal(params["layers.0.ffn.w13"][0], before["layers.0.ffn.w13"][0])
+    assert not torch.equal(params["layers.0.ffn.w13"][1], before["layers.0.ffn.w13"][1])
     shared = "layers.0.attn.wqkv.weight"
     if untie == "ffn":  # shared attention belongs to every modality: it trains
         assert not torch.equal(params[shared], before[shared])
@@ -94,7 +98,7 @@ def test_freeze_by_modality(untie):
 
 def test_freezing_every_modality_turns_grouped_parameters_off():
     model = MultimodalTransformer(mot_config(freeze=["text", "image", "audio"]))
-    assert not model.layers[0].ffn.w1.requires_grad and not model.embed.weight.requires_grad
+    assert not model.layers[0].ffn.w13.requires_grad and not model.embed.weight.requires_grad
 
 
 def test_token_counts_per_layer_reach_the_statistics():

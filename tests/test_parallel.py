@@ -71,7 +71,7 @@ def _ep_equals_one_process(names):
         first = rank * local
         # a shard's expert gradient is the sum of every rank's tokens' contributions
         expert_grads = {}
-        for w in ("w1", "w3", "w2"):
+        for w in ("w13", "w2"):
             full = getattr(reference.experts, w).grad.clone()
             dist.all_reduce(full)
             expert_grads[w] = (getattr(block.experts, w).grad, full[first:first + local])

@@ -24,60 +24,61 @@ CASES = [(300, 4, 2, None), (300, 4, 2, 90), (200, 5, 1, 30), (150, 6, 4, None),
 def case(N, E, k, capacity, dtype=torch.float64, d=24, hidden=40, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(N, d, generator=g, dtype=torch.float64)
-    w1, w3 = (torch.randn(E, d, hidden, generator=g, dtype=torch.float64) / d ** 0.5
-              for _ in range(2))
+    w13 = torch.randn(E, d, 2 * hidden, generator=g, dtype=torch.float64) / d ** 0.5
     w2 = torch.randn(E, hidden, d, generator=g, dtype=torch.float64) / hidden ** 0.5
     # skewed choices, so that some groups are large and others empty or small
     scores = torch.randn(N, E, generator=g) + torch.linspace(1.5, -1.5, E)
     expert = scores.topk(k, dim=-1).indices
     weights = torch.rand(N * k, generator=g)  # float32, as the combine takes them
     dispatch = TopKDispatch(expert, E, capacity)
-    return [t.to(dtype) for t in (x, w1, w3, w2)], weights, dispatch
+    return [t.to(dtype) for t in (x, w13, w2)], weights, dispatch
 
 
-def reference(x, w1, w3, w2, weights, d):
+def reference(x, w13, w2, weights, d):
     """The separate steps: the kept slots' token rows in the dispatch's order, the per-group
-    loop, then per token the weighted sum of its kept slots' outputs."""
+    loop (gate and up apart), then per token the weighted sum of its kept slots' outputs."""
     token = d.order[:d.kept] // d.k
     rows = x.index_select(0, token)
+    w1, w3 = w13.chunk(2, dim=-1)
     gate = grouped_linear_reference(rows, w1, d.offsets)
     up = grouped_linear_reference(rows, w3, d.offsets)
     out = grouped_linear_reference(torch.nn.functional.silu(gate) * up, w2, d.offsets)
     slot = d.order[:d.kept]
     y = torch.zeros(x.shape[0], w2.shape[2], dtype=out.dtype)
-    return y.index_add(0, token, out * weights[slot, None].to(out.dtype)), gate, up
+    y = y.index_add(0, token, out * weights[slot, None].to(out.dtype))
+    return y, torch.cat([gate, up], dim=-1)
 
 
-def call(x, w1, w3, w2, weights, d):
-    return torch.ops.moe_ops.routed_swiglu(x, w1, w3, w2, d.order, d.inverse, weights,
+def call(x, w13, w2, weights, d):
+    return torch.ops.moe_ops.routed_swiglu(x, w13, w2, d.order, d.inverse, weights,
                                            d.offsets.tolist(), d.k)
 
 
 @needs_kernels
 @pytest.mark.parametrize("N,E,k,capacity", CASES)
 def test_routed_ffn_equals_the_separate_steps(N, E, k, capacity, threads):
-    (x, w1, w3, w2), weights, d = case(N, E, k, capacity)
+    (x, w13, w2), weights, d = case(N, E, k, capacity)
     if capacity is not None:
         assert d.dropped > 0 and not bool(d.keep.any(dim=1).all())  # tokens with no slot
-    y, gate, up = torch.ops.moe_ops.routed_swiglu_forward(
-        x, w1, w3, w2, d.order, d.inverse, weights, d.offsets.tolist(), k)
-    inputs = [t.clone().requires_grad_() for t in (x, w1, w3, w2)]
+    y, gate_up = torch.ops.moe_ops.routed_swiglu_forward(
+        x, w13, w2, d.order, d.inverse, weights, d.offsets.tolist(), k)
+    inputs = [t.clone().requires_grad_() for t in (x, w13, w2)]
     w64 = weights.double().requires_grad_()
-    ry, rgate, rup = reference(*inputs, w64, d)
-    for got, want in ((y, ry), (gate, rgate), (up, rup)):
+    ry, rgate_up = reference(*inputs, w64, d)
+    for got, want in ((y, ry), (gate_up, rgate_up)):
         torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=1e-12)
     grad = torch.randn_like(y)
     got = torch.ops.moe_ops.routed_swiglu_backward(
-        grad, x, w1, w3, w2, gate, up, d.order, d.inverse, weights, d.offsets.tolist(), k,
-        [1, 1, 1, 1, 1])
+        grad, x, w13, w2, gate_up, d.order, d.inverse, weights, d.offsets.tolist(), k,
+        [1, 1, 1, 1])
     want = torch.autograd.grad(ry, inputs + [w64], grad, allow_unused=True)
     want = [torch.zeros_like(t) if w is None else w for t, w in zip(inputs + [w64], want)]
-    gx, gw, g1, g3, g2 = got
-    for g, w in zip((gx, g1, g3, g2), (want[0], *want[1:4])):
+    gx, gw, g13, g2 = got
+    for g, w in zip((gx, g13, g2), want[:3]):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
     # the combine weights' gradient, float32 as the weights are (0 for a dropped slot)
     assert gw.dtype == torch.float32
-    torch.testing.assert_close(gw, want[4].float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gw, want[3].float(), rtol=1e-5, atol=1e-6)
     assert torch.equal(gw[~d.keep.reshape(-1)], gw.new_zeros(d.dropped))
 
 
@@ -85,14 +86,13 @@ def test_routed_ffn_equals_the_separate_steps(N, E, k, capacity, threads):
 def test_routed_backward_computes_exactly_what_is_asked():
     # every combination of inputs wanting no gradient: the asked ones are the full call's, bit
     # for bit, the others empty
-    (x, w1, w3, w2), weights, d = case(300, 4, 2, 90)
+    (x, w13, w2), weights, d = case(300, 4, 2, 90)
     args = (d.order, d.inverse, weights, d.offsets.tolist(), 2)
-    _, gate, up = torch.ops.moe_ops.routed_swiglu_forward(x, w1, w3, w2, *args)
+    _, gate_up = torch.ops.moe_ops.routed_swiglu_forward(x, w13, w2, *args)
     grad = torch.randn(x.shape[0], w2.shape[2], dtype=x.dtype)
-    full = torch.ops.moe_ops.routed_swiglu_backward(grad, x, w1, w3, w2, gate, up, *args,
-                                                    [1] * 5)
-    for needs in itertools.product([0, 1], repeat=5):
-        got = torch.ops.moe_ops.routed_swiglu_backward(grad, x, w1, w3, w2, gate, up, *args,
+    full = torch.ops.moe_ops.routed_swiglu_backward(grad, x, w13, w2, gate_up, *args, [1] * 4)
+    for needs in itertools.product([0, 1], repeat=4):
+        got = torch.ops.moe_ops.routed_swiglu_backward(grad, x, w13, w2, gate_up, *args,
                                                        list(needs))
         for g, f, need in zip(got, full, needs):
             assert torch.equal(g, f) if need else g.numel() == 0
@@ -100,10 +100,10 @@ def test_routed_backward_computes_exactly_what_is_asked():
 
 @needs_kernels
 def test_float32_routed_ffn_matches_float64():
-    (x, w1, w3, w2), weights, d = case(300, 4, 2, None)
-    inputs32 = [t.float().requires_grad_() for t in (x, w1, w3, w2)]
+    (x, w13, w2), weights, d = case(300, 4, 2, None)
+    inputs32 = [t.float().requires_grad_() for t in (x, w13, w2)]
     w32 = weights.clone().requires_grad_()
-    inputs64 = [t.clone().requires_grad_() for t in (x, w1, w3, w2)]
+    inputs64 = [t.clone().requires_grad_() for t in (x, w13, w2)]
     w64 = weights.clone().requires_grad_()
     y32, y64 = call(*inputs32, w32, d), call(*inputs64, w64, d)
     torch.testing.assert_close(y32, y64.float(), rtol=1e-4, atol=1e-5)
@@ -116,34 +116,34 @@ def test_float32_routed_ffn_matches_float64():
 
 @needs_kernels
 def test_routed_op_is_differentiable_and_passes_opcheck():
-    (x, w1, w3, w2), weights, d = case(200, 5, 1, 30)
+    (x, w13, w2), weights, d = case(200, 5, 1, 30)
     args = (d.order, d.inverse, weights, d.offsets.tolist(), 1)
-    leaves = [t.clone().requires_grad_() for t in (x, w1, w3, w2)]
+    leaves = [t.clone().requires_grad_() for t in (x, w13, w2)]
     # (the float32 combine weights' gradient is checked against float64 autograd above)
     assert torch.autograd.gradcheck(lambda *t: call(*t, weights, d), leaves)
-    torch.library.opcheck(torch.ops.moe_ops.routed_swiglu, (x, w1, w3, w2, *args))
-    torch.library.opcheck(torch.ops.moe_ops.routed_swiglu_forward, (x, w1, w3, w2, *args))
-    _, gate, up = torch.ops.moe_ops.routed_swiglu_forward(x, w1, w3, w2, *args)
+    torch.library.opcheck(torch.ops.moe_ops.routed_swiglu, (x, w13, w2, *args))
+    torch.library.opcheck(torch.ops.moe_ops.routed_swiglu_forward, (x, w13, w2, *args))
+    _, gate_up = torch.ops.moe_ops.routed_swiglu_forward(x, w13, w2, *args)
     grad = torch.randn(x.shape[0], w2.shape[2], dtype=x.dtype)
     torch.library.opcheck(torch.ops.moe_ops.routed_swiglu_backward,
-                          (grad, x, w1, w3, w2, gate, up, *args, [1, 0, 1, 1, 0]))
+                          (grad, x, w13, w2, gate_up, *args, [1, 0, 1, 0]))
 
 
 @needs_kernels
 def test_routed_op_rejects_bad_input():
-    (x, w1, w3, w2), weights, d = case(64, 4, 2, None)
+    (x, w13, w2), weights, d = case(64, 4, 2, None)
     ends = d.offsets.tolist()
     op = torch.ops.moe_ops.routed_swiglu_forward
     bad_order = d.order.clone()
     bad_order[3] = 10 ** 6
     with pytest.raises(RuntimeError, match="is not a slot"):
-        op(x, w1, w3, w2, bad_order, d.inverse, weights, ends, 2)
+        op(x, w13, w2, bad_order, d.inverse, weights, ends, 2)
     with pytest.raises(RuntimeError, match="weights must be"):
-        op(x, w1, w3, w2, d.order, d.inverse, weights.double(), ends, 2)
+        op(x, w13, w2, d.order, d.inverse, weights.double(), ends, 2)
     with pytest.raises(RuntimeError, match="k must divide"):
-        op(x, w1, w3, w2, d.order, d.inverse, weights, ends, 3)
+        op(x, w13, w2, d.order, d.inverse, weights, ends, 3)
     with pytest.raises(RuntimeError, match="must not pass"):
-        op(x, w1, w3, w2, d.order, d.inverse, weights, ends[:-1] + [10 ** 6], 2)
+        op(x, w13, w2, d.order, d.inverse, weights, ends[:-1] + [10 ** 6], 2)
 
 
 @needs_kernels

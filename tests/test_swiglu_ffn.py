@@ -1,6 +1,7 @@
 """The fused grouped SwiGLU FFN kernels (csrc/swiglu_ffn_cpu.cpp) against the per-group loop:
 every step run piece by piece per thread, with groups cut between threads, empty groups, rows
-past the last group, and gradients asked for in any combination."""
+past the last group, and gradients asked for in any combination. The gate and up weights are
+one (G, D, 2H) tensor w13 = [w1 | w3]; the loop runs them as two products."""
 
 import itertools
 
@@ -27,37 +28,37 @@ def case(sizes, dtype=torch.float64, d=24, hidden=40, d_out=16, extra_rows=3, se
     g = torch.Generator().manual_seed(seed)
     G, n = len(sizes), sum(sizes) + extra_rows
     x = torch.randn(n, d, generator=g, dtype=torch.float64)
-    w1, w3 = (torch.randn(G, d, hidden, generator=g, dtype=torch.float64) / d ** 0.5
-              for _ in range(2))
+    w13 = torch.randn(G, d, 2 * hidden, generator=g, dtype=torch.float64) / d ** 0.5
     w2 = torch.randn(G, hidden, d_out, generator=g, dtype=torch.float64) / hidden ** 0.5
     ends = torch.tensor(sizes).cumsum(0).tolist()
-    return [t.to(dtype) for t in (x, w1, w3, w2)], ends
+    return [t.to(dtype) for t in (x, w13, w2)], ends
 
 
-def loop(x, w1, w3, w2, ends):
-    """Forward (y, gate, up) on the groups' rows, group by group."""
+def loop(x, w13, w2, ends):
+    """Forward (y, [gate | up]) on the groups' rows, group by group, gate and up apart."""
     offsets = torch.tensor(ends)
+    w1, w3 = w13.chunk(2, dim=-1)
     gate = grouped_linear_reference(x, w1, offsets)
     up = grouped_linear_reference(x, w3, offsets)
-    return grouped_linear_reference(torch.nn.functional.silu(gate) * up, w2, offsets), gate, up
+    y = grouped_linear_reference(torch.nn.functional.silu(gate) * up, w2, offsets)
+    return y, torch.cat([gate, up], dim=-1)
 
 
 @needs_kernels
 @pytest.mark.parametrize("sizes", SIZES)
 def test_fused_forward_and_backward_equal_the_loop(sizes, threads):
-    (x, w1, w3, w2), ends = case(sizes)
+    (x, w13, w2), ends = case(sizes)
     n = ends[-1]
     x[n:] = float("nan")  # rows past the groups are never read
-    y, gate, up = torch.ops.moe_ops.grouped_swiglu_forward(x, w1, w3, w2, ends)
-    inputs = [t.clone().requires_grad_() for t in (x, w1, w3, w2)]
-    ry, rgate, rup = loop(inputs[0][:n], *inputs[1:], ends)
-    for got, want in ((y, ry), (gate, rgate), (up, rup)):
+    y, gate_up = torch.ops.moe_ops.grouped_swiglu_forward(x, w13, w2, ends)
+    inputs = [t.clone().requires_grad_() for t in (x, w13, w2)]
+    ry, rgate_up = loop(inputs[0][:n], *inputs[1:], ends)
+    for got, want in ((y, ry), (gate_up, rgate_up)):
         torch.testing.assert_close(got[:n], want.detach(), rtol=1e-12, atol=1e-12)
         assert torch.equal(got[n:], got.new_zeros(got.shape[0] - n, got.shape[1]))
     grad = torch.randn_like(y)
     grad[n:] = float("nan")
-    got = torch.ops.moe_ops.grouped_swiglu_backward(grad, x, w1, w3, w2, gate, up, ends,
-                                                    [1, 1, 1, 1])
+    got = torch.ops.moe_ops.grouped_swiglu_backward(grad, x, w13, w2, gate_up, ends, [1, 1, 1])
     want = torch.autograd.grad(ry, inputs, grad[:n], allow_unused=True)
     want = [torch.zeros_like(t) if w is None else w for t, w in zip(inputs, want)]
     want[0] = torch.cat([want[0][:n], want[0].new_zeros(x.shape[0] - n, x.shape[1])])
@@ -69,13 +70,12 @@ def test_fused_forward_and_backward_equal_the_loop(sizes, threads):
 def test_fused_backward_computes_exactly_what_is_asked():
     # every combination of frozen inputs: the asked gradients are the full call's, bit for bit
     # (the same products in the same order), the others empty
-    (x, w1, w3, w2), ends = case([100, 90, 110, 95])
-    _, gate, up = torch.ops.moe_ops.grouped_swiglu_forward(x, w1, w3, w2, ends)
+    (x, w13, w2), ends = case([100, 90, 110, 95])
+    _, gate_up = torch.ops.moe_ops.grouped_swiglu_forward(x, w13, w2, ends)
     grad = torch.randn(x.shape[0], w2.shape[2], dtype=x.dtype)
-    full = torch.ops.moe_ops.grouped_swiglu_backward(grad, x, w1, w3, w2, gate, up, ends,
-                                                     [1, 1, 1, 1])
-    for needs in itertools.product([0, 1], repeat=4):
-        got = torch.ops.moe_ops.grouped_swiglu_backward(grad, x, w1, w3, w2, gate, up, ends,
+    full = torch.ops.moe_ops.grouped_swiglu_backward(grad, x, w13, w2, gate_up, ends, [1, 1, 1])
+    for needs in itertools.product([0, 1], repeat=3):
+        got = torch.ops.moe_ops.grouped_swiglu_backward(grad, x, w13, w2, gate_up, ends,
                                                         list(needs))
         for need, g, f in zip(needs, got, full):
             if need:
@@ -86,15 +86,14 @@ def test_fused_backward_computes_exactly_what_is_asked():
 
 @needs_kernels
 def test_float32_kernels_match_a_float64_loop():
-    (x, w1, w3, w2), ends = case([300, 200, 250], torch.float32, d=64, hidden=96, d_out=64)
+    (x, w13, w2), ends = case([300, 200, 250], torch.float32, d=64, hidden=96, d_out=64)
     n = ends[-1]
-    y, gate, up = torch.ops.moe_ops.grouped_swiglu_forward(x, w1, w3, w2, ends)
-    inputs = [t.double().requires_grad_() for t in (x, w1, w3, w2)]
-    ry, _, _ = loop(inputs[0][:n], *inputs[1:], ends)
+    y, gate_up = torch.ops.moe_ops.grouped_swiglu_forward(x, w13, w2, ends)
+    inputs = [t.double().requires_grad_() for t in (x, w13, w2)]
+    ry, _ = loop(inputs[0][:n], *inputs[1:], ends)
     torch.testing.assert_close(y[:n].double(), ry.detach(), rtol=1e-4, atol=1e-5)
     grad = torch.randn_like(y)
-    got = torch.ops.moe_ops.grouped_swiglu_backward(grad, x, w1, w3, w2, gate, up, ends,
-                                                    [1, 1, 1, 1])
+    got = torch.ops.moe_ops.grouped_swiglu_backward(grad, x, w13, w2, gate_up, ends, [1, 1, 1])
     want = torch.autograd.grad(ry, inputs, grad[:n].double())
     for g, w in zip(got, want):
         torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4)
@@ -102,42 +101,46 @@ def test_float32_kernels_match_a_float64_loop():
 
 @needs_kernels
 def test_grouped_swiglu_op_takes_the_fused_kernels_for_exact_rows():
-    # the differentiable op with block 1 (float32 / float64) saves gate and up, not h, and its
+    # the differentiable op with block 1 (float32 / float64) saves gate_up, not h, and its
     # gradients equal the fused backward's
-    (x, w1, w3, w2), ends = case([100, 0, 150])
-    inputs = [t.clone().requires_grad_() for t in (x, w1, w3, w2)]
+    (x, w13, w2), ends = case([100, 0, 150])
+    inputs = [t.clone().requires_grad_() for t in (x, w13, w2)]
     y = torch.ops.moe_ops.grouped_swiglu(*inputs, ends, 1)
-    fy, gate, up = torch.ops.moe_ops.grouped_swiglu_forward(x, w1, w3, w2, ends)
+    fy, gate_up = torch.ops.moe_ops.grouped_swiglu_forward(x, w13, w2, ends)
     assert torch.equal(y.detach(), fy)
     grad = torch.randn_like(y)
     got = torch.autograd.grad(y, inputs, grad)
-    want = torch.ops.moe_ops.grouped_swiglu_backward(grad, x, w1, w3, w2, gate, up, ends,
-                                                     [1, 1, 1, 1])
+    want = torch.ops.moe_ops.grouped_swiglu_backward(grad, x, w13, w2, gate_up, ends, [1, 1, 1])
     for g, w in zip(got, want):
         assert torch.equal(g, w)
 
 
 @needs_kernels
 def test_fused_kernels_pass_opcheck():
-    (x, w1, w3, w2), ends = case([70, 5, 0, 30], torch.float32)
-    y, gate, up = torch.ops.moe_ops.grouped_swiglu_forward(x, w1, w3, w2, ends)
+    (x, w13, w2), ends = case([70, 5, 0, 30], torch.float32)
+    y, gate_up = torch.ops.moe_ops.grouped_swiglu_forward(x, w13, w2, ends)
     grad = torch.randn_like(y)
-    torch.library.opcheck(torch.ops.moe_ops.grouped_swiglu_forward, (x, w1, w3, w2, ends))
-    for needs in ([1, 1, 1, 1], [1, 0, 1, 0]):
+    torch.library.opcheck(torch.ops.moe_ops.grouped_swiglu_forward, (x, w13, w2, ends))
+    for needs in ([1, 1, 1], [1, 0, 1], [0, 1, 0]):
         torch.library.opcheck(torch.ops.moe_ops.grouped_swiglu_backward,
-                              (grad, x, w1, w3, w2, gate, up, ends, needs))
+                              (grad, x, w13, w2, gate_up, ends, needs))
 
 
 @needs_kernels
 def test_fused_kernels_reject_bad_input():
-    (x, w1, w3, w2), ends = case([10, 20])
+    (x, w13, w2), ends = case([10, 20])
     with pytest.raises(RuntimeError, match="float32 or float64"):
-        torch.ops.moe_ops.grouped_swiglu_forward(x.bfloat16(), w1, w3, w2, ends)
+        torch.ops.moe_ops.grouped_swiglu_forward(x.bfloat16(), w13, w2, ends)
     with pytest.raises(RuntimeError, match="w2 must be"):
-        torch.ops.moe_ops.grouped_swiglu_forward(x, w1, w3, w2[:, :5], ends)
+        torch.ops.moe_ops.grouped_swiglu_forward(x, w13, w2[:, :5], ends)
+    with pytest.raises(RuntimeError, match="w13 must be"):
+        torch.ops.moe_ops.grouped_swiglu_forward(x, w13[..., :-1], w2, ends)  # odd width
     with pytest.raises(RuntimeError, match="ends must be non-decreasing"):
-        torch.ops.moe_ops.grouped_swiglu_forward(x, w1, w3, w2, [20, 10])
-    y, gate, up = torch.ops.moe_ops.grouped_swiglu_forward(x, w1, w3, w2, ends)
-    with pytest.raises(RuntimeError, match="needs must hold 4 flags"):
-        torch.ops.moe_ops.grouped_swiglu_backward(torch.ones_like(y), x, w1, w3, w2, gate, up,
-                                                  ends, [1, 1])
+        torch.ops.moe_ops.grouped_swiglu_forward(x, w13, w2, [20, 10])
+    y, gate_up = torch.ops.moe_ops.grouped_swiglu_forward(x, w13, w2, ends)
+    with pytest.raises(RuntimeError, match="needs must hold 3 flags"):
+        torch.ops.moe_ops.grouped_swiglu_backward(torch.ones_like(y), x, w13, w2, gate_up, ends,
+                                                  [1, 1])
+    with pytest.raises(RuntimeError, match="gate_up must be"):
+        torch.ops.moe_ops.grouped_swiglu_backward(torch.ones_like(y), x, w13, w2,
+                                                  gate_up[:, :-2].contiguous(), ends, [1, 1, 1])
