@@ -129,3 +129,18 @@ def test_grouped_swiglu_equals_per_group_ffns():
 def test_bad_group_ids(ids, message):
     with pytest.raises(ValueError, match=message):
         GroupedLinear(3, 8, 8)(torch.randn(2, 4, 8), ids)
+
+
+def test_grouped_swiglu_loads_state_dicts_with_separate_gate_and_up_weights():
+    # w13 holds [w1 | w3]; a state dict saved with separate w1, w3 (G, D, H) loads into it, and
+    # the w1 / w3 views read and write w13's halves
+    torch.manual_seed(0)
+    old = {"w1": torch.randn(3, 8, 5), "w3": torch.randn(3, 8, 5), "w2": torch.randn(3, 5, 8)}
+    ffn = GroupedSwiGLU(3, 8, 5)
+    ffn.load_state_dict(old)
+    assert torch.equal(ffn.w13, torch.cat([old["w1"], old["w3"]], dim=-1))
+    assert torch.equal(ffn.w1, old["w1"]) and torch.equal(ffn.w3, old["w3"])
+    with torch.no_grad():
+        ffn.w3.zero_()
+    assert not ffn.w13[..., 5:].any() and torch.equal(ffn.w13[..., :5], old["w1"])
+    assert set(ffn.state_dict()) == {"w13", "w2"}
