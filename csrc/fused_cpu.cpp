@@ -336,6 +336,9 @@ std::tuple<at::Tensor, at::Tensor> swiglu_backward_cpu(const at::Tensor& grad,
   return {ga, gb};
 }
 
+// Rows per task of the halves kernels: about 16K elements, as the element-wise kernels take.
+int64_t halves_grain(int64_t H) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(H, 1)); }
+
 void check_halves(const at::Tensor& gate_up, const char* name) {
   TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(1) % 2 == 0 && gate_up.is_contiguous(), name,
               ": gate_up must be a contiguous (M, 2H) tensor");
@@ -349,7 +352,7 @@ at::Tensor swiglu_halves_cpu(const at::Tensor& gate_up) {
                                   "swiglu_halves", [&] {
     const scalar_t* gu = gate_up.data_ptr<scalar_t>();
     scalar_t* hp = h.data_ptr<scalar_t>();
-    at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(H, 1)),
+    at::parallel_for(0, M, halves_grain(H),
                      [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         swiglu_fwd(gu + r * 2 * H, gu + r * 2 * H + H, hp + r * H, 0, H);
@@ -372,7 +375,7 @@ at::Tensor swiglu_halves_backward_cpu(const at::Tensor& grad, const at::Tensor& 
     const scalar_t* gp = grad.data_ptr<scalar_t>();
     const scalar_t* gu = gate_up.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(H, 1)),
+    at::parallel_for(0, M, halves_grain(H),
                      [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t o = r * 2 * H;

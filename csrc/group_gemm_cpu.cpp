@@ -43,54 +43,43 @@
 namespace moe_ops {
 namespace {
 
-// One term of a sum of products: the rows of `a` times `b` (a group's matrix).
-struct Term {
-  const at::Tensor& a;
-  at::Tensor b;
-};
-
-// out[lo:lo+n] = the sum over terms of a[lo:lo+n] @ b: the first product written, the others
-// added in place (the BLAS/oneDNN product's own accumulation, no extra pass).
-void sum_rows(const std::vector<Term>& terms, at::Tensor& out, int64_t lo, int64_t n) {
+// out[lo:lo+n] = a[lo:lo+n] @ bg.
+void rows_times(const at::Tensor& a, const at::Tensor& bg, at::Tensor& out, int64_t lo,
+                int64_t n) {
   auto dst = out.narrow(0, lo, n);
-  at::mm_out(dst, terms[0].a.narrow(0, lo, n), terms[0].b);
-  for (size_t i = 1; i < terms.size(); ++i) dst.addmm_(terms[i].a.narrow(0, lo, n), terms[i].b);
+  at::mm_out(dst, a.narrow(0, lo, n), bg);
 }
 
-// out[s:e] = a[s:e] @ bg (summed over the terms): whole chunks, then the rest on whole 64-row
+// out[s:e] = a[s:e] @ bg: whole chunks, then the rest on whole 64-row
 // blocks. The last block may run on past e up to row `limit` (rows that later products of the
 // same thread overwrite, or that the caller zeroes). Where it may not, the blocks end at e
 // instead and start up to 63 rows before s, inside rows [floor, s) that this thread computed
 // already: those rows are put back afterwards. Only without such rows does the tail run padded
 // to one block on the side (a separate product, which costs about as much again as packing the
 // weight).
-void rows_product(const std::vector<Term>& terms, at::Tensor& out, int64_t s, int64_t e,
-                  int64_t floor, int64_t limit, Cut cut_rows) {
+void rows_product(const at::Tensor& a, const at::Tensor& bg, at::Tensor& out, int64_t s,
+                  int64_t e, int64_t floor, int64_t limit, Cut cut_rows) {
   const int64_t block = cut_rows.block;
-  for (; e - s >= cut_rows.chunk; s += cut_rows.chunk) sum_rows(terms, out, s, cut_rows.chunk);
+  for (; e - s >= cut_rows.chunk; s += cut_rows.chunk) rows_times(a, bg, out, s, cut_rows.chunk);
   const int64_t rows = (e - s + block - 1) / block * block;
   if (rows == 0) return;
   if (s + rows <= limit) {
-    sum_rows(terms, out, s, rows);
+    rows_times(a, bg, out, s, rows);
     return;
   }
   const int64_t back = e - rows;  // the blocks end at e
   if (back >= floor) {
     auto kept = out.narrow(0, back, s - back).clone();  // done rows the blocks run over
-    sum_rows(terms, out, back, rows);
+    rows_times(a, bg, out, back, rows);
     out.narrow(0, back, s - back).copy_(kept);
     return;
   }
   const int64_t cut = s + (e - s) / block * block;
-  if (cut > s) sum_rows(terms, out, s, cut - s);
+  if (cut > s) rows_times(a, bg, out, s, cut - s);
   if (e > cut) {
-    at::Tensor tail;
-    for (const Term& t : terms) {
-      auto padded = at::zeros({block, t.a.size(1)}, t.a.options());
-      padded.narrow(0, 0, e - cut).copy_(t.a.narrow(0, cut, e - cut));
-      tail = tail.defined() ? tail.addmm_(padded, t.b) : at::mm(padded, t.b);
-    }
-    out.narrow(0, cut, e - cut).copy_(tail.narrow(0, 0, e - cut));
+    auto padded = at::zeros({block, a.size(1)}, a.options());
+    padded.narrow(0, 0, e - cut).copy_(a.narrow(0, cut, e - cut));
+    out.narrow(0, cut, e - cut).copy_(at::mm(padded, bg).narrow(0, 0, e - cut));
   }
 }
 
@@ -144,34 +133,17 @@ void inner_product(const at::Tensor& a, const at::Tensor& b, at::Tensor outg, in
   if (first) outg.zero_();  // no rows
 }
 
-using Pairs = std::vector<std::pair<at::Tensor, at::Tensor>>;
-
-// Outputs whose rows of each group are sums over their (a, b) pairs of a's rows times b[group],
-// all of one N and computed piece by piece in one pass (group_rows_mm: one output of one pair).
-// The pairs of one output share its column count M.
-std::vector<at::Tensor> rows_outputs(const std::vector<Pairs>& sums, at::IntArrayRef ends,
-                                     bool spread, int64_t block) {
+// (N, M): rows of group g = a's rows times b[g], computed piece by piece.
+at::Tensor group_rows_mm_cpu(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef ends,
+                             bool spread, int64_t block) {
   TORCH_CHECK(block >= 1, "block must be at least 1, got ", block);
-  const at::Tensor& a0 = sums[0][0].first;
-  const int64_t N = a0.size(0);
-  for (const Pairs& pairs : sums) {
-    const int64_t M = pairs[0].second.size(2);  // this output's columns
-    for (const auto& [a, b] : pairs) {
-      TORCH_CHECK(a.dim() == 2 && a.is_contiguous() && a.size(0) == N &&
-                      a.scalar_type() == a0.scalar_type(),
-                  "a must be a contiguous (N, K) tensor (every a of one N and dtype)");
-      TORCH_CHECK(b.dim() == 3 && b.size(0) == static_cast<int64_t>(ends.size()) &&
-                      b.size(1) == a.size(1) && b.size(2) == M &&
-                      b.scalar_type() == a.scalar_type(),
-                  "b must be (G, K, M) (or a transposed view) of a's dtype, one matrix per "
-                  "group");
-    }
-  }
+  TORCH_CHECK(a.dim() == 2 && a.is_contiguous(), "a must be a contiguous (N, K) tensor");
+  TORCH_CHECK(b.dim() == 3 && b.size(0) == static_cast<int64_t>(ends.size()) &&
+                  b.size(1) == a.size(1) && b.scalar_type() == a.scalar_type(),
+              "b must be (G, K, M) (or a transposed view) of a's dtype, one matrix per group");
+  const int64_t N = a.size(0);
   const auto spans = spans_of(ends, N);
-  std::vector<at::Tensor> outs;
-  for (const Pairs& pairs : sums) {
-    outs.push_back(at::empty({N, pairs[0].second.size(2)}, a0.options()));
-  }
+  auto out = at::empty({N, b.size(2)}, a.options());
   const int64_t done = spans.empty() ? 0 : spans.back().end;
   const Cut cut(block);
   const auto runs = plan_for(spans, spread, false, cut);
@@ -182,38 +154,23 @@ std::vector<at::Tensor> rows_outputs(const std::vector<Pairs>& sums, at::IntArra
     const int64_t limit = r + 1 == static_cast<int64_t>(runs.size()) ? N : run.back().end;
     const int64_t floor = run.front().start;  // rows below belong to other threads
     for (const Piece& p : run) {
-      for (size_t i = 0; i < sums.size(); ++i) {
-        std::vector<Term> terms;
-        for (const auto& [a, b] : sums[i]) terms.push_back({a, b[p.group]});
-        rows_product(terms, outs[i], p.start, p.end, floor, limit, cut);
-      }
+      rows_product(a, b[p.group], out, p.start, p.end, floor, limit, cut);
     }
   });
-  for (auto& out : outs) {
-    if (done < N) out.narrow(0, done, N - done).zero_();  // after any spill into them
-  }
-  return outs;
+  if (done < N) out.narrow(0, done, N - done).zero_();  // after any spill into them
+  return out;
 }
 
-at::Tensor group_rows_mm_cpu(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef ends,
-                             bool spread, int64_t block) {
-  return rows_outputs({{{a, b}}}, ends, spread, block)[0];
-}
-
-// (G, Ka, Kb_i) for each b_i: group g = a[rows of g]^T @ b_i[rows of g], piece by piece (the
-// body of group_inner_mm).
-std::vector<at::Tensor> inner_outputs(const at::Tensor& a, const std::vector<at::Tensor>& bs,
-                                      at::IntArrayRef ends, bool spread, int64_t block) {
+// (G, Ka, Kb): group g = a[rows of g]^T @ b[rows of g], piece by piece.
+at::Tensor group_inner_mm_cpu(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef ends,
+                              bool spread, int64_t block) {
   TORCH_CHECK(block >= 1, "block must be at least 1, got ", block);
-  for (const at::Tensor& b : bs) {
-    TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(0) == b.size(0) && a.is_contiguous() &&
-                    b.is_contiguous() && a.scalar_type() == b.scalar_type(),
-                "a and b must be contiguous (N, Ka) and (N, Kb) tensors of one dtype");
-  }
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(0) == b.size(0) && a.is_contiguous() &&
+                  b.is_contiguous() && a.scalar_type() == b.scalar_type(),
+              "a and b must be contiguous (N, Ka) and (N, Kb) tensors of one dtype");
   const auto spans = spans_of(ends, a.size(0));
   const int64_t G = static_cast<int64_t>(spans.size());
-  std::vector<at::Tensor> outs;
-  for (const at::Tensor& b : bs) outs.push_back(at::empty({G, a.size(1), b.size(1)}, a.options()));
+  auto out = at::empty({G, a.size(1), b.size(1)}, a.options());
   // whole groups per thread, where that balances: a group cut between threads would need a
   // partial sum per thread, which costs more than it gains
   const Cut cut(block);
@@ -224,22 +181,14 @@ std::vector<at::Tensor> inner_outputs(const at::Tensor& a, const std::vector<at:
     for (size_t i = 0; i < run.size(); ++i) {
       const Piece& p = run[i];
       const bool first = i == 0 || run[i - 1].group != p.group;
-      for (size_t j = 0; j < bs.size(); ++j) {
-        inner_product(a, bs[j], outs[j][p.group], p.start, p.end, first, begin, done, cut);
-      }
+      inner_product(a, b, out[p.group], p.start, p.end, first, begin, done, cut);
       written[p.group] = 1;  // each group belongs to one run
     }
   });
   for (int64_t g = 0; g < G; ++g) {
-    if (written[g]) continue;
-    for (auto& out : outs) out[g].zero_();  // empty groups
+    if (!written[g]) out[g].zero_();  // empty groups
   }
-  return outs;
-}
-
-at::Tensor group_inner_mm_cpu(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef ends,
-                              bool spread, int64_t block) {
-  return inner_outputs(a, {b}, ends, spread, block)[0];
+  return out;
 }
 
 }  // namespace
