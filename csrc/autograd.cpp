@@ -347,25 +347,14 @@ Tensor group_mm_plain(const Tensor& a, const Tensor& b, c10::IntArrayRef ends, i
 
 // grouped_swiglu(x (N, D), w13 (G, D, 2H), w2 (G, H, D_out), ends, block) -> (N, D_out):
 // rows of group g = (silu(x w1[g]) * x w3[g]) w2[g] with w13[g] = [w1[g] | w3[g]], the expert
-// (or modality) FFN as one node. The gate and up products are one product with w13 (and their
-// weight gradient one product into w13's), the input gradient one product of the two gate
-// gradients side by side with w13^T, and autograd keeps one node instead of four.
-Tensor swiglu_ffn(const Tensor& x, const Tensor& w13, const Tensor& w2, c10::IntArrayRef ends,
-                  int64_t block, Tensor* gate_up, Tensor* h) {
-  static auto rows = op<Product>("moe_ops::group_rows_mm");
-  static auto halves = op<Tensor(const Tensor&)>("moe_ops::swiglu_halves");
-  *gate_up = rows.call(x, w13, ends, true, block);  // (N, 2H)
-  *h = halves.call(*gate_up);                       // (N, H)
-  return rows.call(*h, w2, ends, true, block);      // (N, D_out)
-}
-
-// With block 1 (exact rows: float32 / float64) the forward and backward are the fused
-// piece-by-piece kernels of csrc/swiglu_ffn_cpu.cpp, which keep h out of memory; in half precision
-// the passes above, on whole 64-row blocks.
+// (or modality) FFN as one node: the piece-by-piece kernels of csrc/swiglu_ffn_cpu.cpp, whose
+// products run exact rows (block 1: float32 / float64) or whole 64-row blocks (half
+// precision). The forward saves gate_up (the gate and up products side by side), not h: the
+// backward recomputes h in the pass that takes the gate's gradient.
+using FfnForward = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                              c10::IntArrayRef, int64_t);
 auto& fused_forward() {
-  static auto forward = op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                      c10::IntArrayRef)>(
-      "moe_ops::grouped_swiglu_forward");
+  static auto forward = op<FfnForward>("moe_ops::grouped_swiglu_forward");
   return forward;
 }
 
@@ -374,51 +363,25 @@ class GroupedSwiglu : public torch::autograd::Function<GroupedSwiglu> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& w13, const Tensor& w2,
                         c10::IntArrayRef ends, int64_t block) {
     at::AutoDispatchBelowADInplaceOrView below;
-    Tensor gate_up, h, y;
-    if (block == 1) {  // exact rows (float32 / float64): every step fused piece by piece
-      std::tie(y, gate_up) = fused_forward().call(x, w13, w2, ends);  // h: recomputed
-    } else {
-      y = swiglu_ffn(x, w13, w2, ends, block, &gate_up, &h);
-    }
-    ctx->save_for_backward({x, w13, w2, gate_up, h});
+    auto [y, gate_up] = fused_forward().call(x, w13, w2, ends, block);
+    ctx->save_for_backward({x, w13, w2, gate_up});
     ctx->saved_data["ends"] = ends.vec();
     ctx->saved_data["block"] = block;
     return y;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static auto rows = op<Product>("moe_ops::group_rows_mm");
-    static auto inner = op<Product>("moe_ops::group_inner_mm");
-    static auto halves_bwd =
-        op<Tensor(const Tensor&, const Tensor&)>("moe_ops::swiglu_halves_backward");
-    auto saved = ctx->get_saved_variables();
-    const Tensor &x = saved[0], &w13 = saved[1], &w2 = saved[2], &gate_up = saved[3];
-    auto ends = ctx->saved_data["ends"].toIntVector();
-    const int64_t block = ctx->saved_data["block"].toInt();
-    Tensor grad = grads[0].contiguous(), grad_x, grad_w13, grad_w2;
-    if (block == 1) {
-      static auto fused = op<std::tuple<Tensor, Tensor, Tensor>(
-          const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-          c10::IntArrayRef, c10::IntArrayRef)>("moe_ops::grouped_swiglu_backward");
-      std::vector<int64_t> needs;
-      for (int i = 0; i < 3; ++i) needs.push_back(ctx->needs_input_grad(i) ? 1 : 0);
-      std::tie(grad_x, grad_w13, grad_w2) = fused.call(grad, x, w13, w2, gate_up, ends, needs);
-      auto kept = [&](Tensor& t, int i) {
-        if (!ctx->needs_input_grad(i)) t = Tensor();
-      };
-      kept(grad_x, 0), kept(grad_w13, 1), kept(grad_w2, 2);
-      return {grad_x, grad_w13, grad_w2, Tensor(), Tensor()};
-    }
-    if (ctx->needs_input_grad(2)) grad_w2 = inner.call(saved[4], grad, ends, true, block);
-    if (ctx->needs_input_grad(0) || ctx->needs_input_grad(1)) {
-      Tensor grad_h = rows.call(grad, w2.transpose(1, 2), ends, true, block);
-      Tensor grad_gate_up = halves_bwd.call(grad_h, gate_up);  // (N, 2H)
-      if (ctx->needs_input_grad(0)) {
-        grad_x = rows.call(grad_gate_up, w13.transpose(1, 2), ends, true, block);
-      }
-      if (ctx->needs_input_grad(1)) grad_w13 = inner.call(x, grad_gate_up, ends, true, block);
-    }
-    return {grad_x, grad_w13, grad_w2, Tensor(), Tensor()};
+    static auto fused = op<std::tuple<Tensor, Tensor, Tensor>(
+        const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+        c10::IntArrayRef, c10::IntArrayRef, int64_t)>("moe_ops::grouped_swiglu_backward");
+    auto s = ctx->get_saved_variables();
+    std::vector<int64_t> needs;
+    for (int i = 0; i < 3; ++i) needs.push_back(ctx->needs_input_grad(i) ? 1 : 0);
+    auto [gx, g13, g2] = fused.call(grads[0].contiguous(), s[0], s[1], s[2], s[3],
+                                    ctx->saved_data["ends"].toIntVector(), needs,
+                                    ctx->saved_data["block"].toInt());
+    auto kept = [&](Tensor t, int i) { return ctx->needs_input_grad(i) ? t : Tensor(); };
+    return {kept(gx, 0), kept(g13, 1), kept(g2, 2), Tensor(), Tensor()};
   }
 };
 
@@ -429,21 +392,19 @@ Tensor grouped_swiglu_autograd(const Tensor& x, const Tensor& w13, const Tensor&
 
 Tensor grouped_swiglu_plain(const Tensor& x, const Tensor& w13, const Tensor& w2,
                             c10::IntArrayRef ends, int64_t block) {
-  if (block == 1) return std::get<0>(fused_forward().call(x, w13, w2, ends));
-  Tensor gate_up, h;
-  return swiglu_ffn(x, w13, w2, ends, block, &gate_up, &h);
+  return std::get<0>(fused_forward().call(x, w13, w2, ends, block));
 }
 
-// routed_swiglu(x (N, D), w13, w2, order, inverse, weights (S,), ends, k) -> (N, D_out): an
-// MoE's experts with the dispatch's gather and combine in the same kernels (float32 / float64,
-// csrc/swiglu_ffn_cpu.cpp): permute_rows, grouped_swiglu and the weighted unpermute_rows as one
+// routed_swiglu(x (N, D), w13, w2, order, inverse, weights (S,), ends, k, block) -> (N, D_out):
+// an MoE's experts with the dispatch's gather and combine in the same kernels
+// (csrc/swiglu_ffn_cpu.cpp): permute_rows, grouped_swiglu and the weighted unpermute_rows as one
 // node, whose backward gathers the output gradient piece by piece and takes the combine
 // weights' gradient from h (recomputed there) instead of from saved expert outputs. Neither
 // the permuted rows nor the expert outputs are kept for the backward.
 auto& routed_forward() {
   static auto forward = op<std::tuple<Tensor, Tensor>(
       const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-      c10::IntArrayRef, int64_t)>("moe_ops::routed_swiglu_forward");
+      c10::IntArrayRef, int64_t, int64_t)>("moe_ops::routed_swiglu_forward");
   return forward;
 }
 
@@ -451,19 +412,21 @@ class RoutedSwiglu : public torch::autograd::Function<RoutedSwiglu> {
  public:
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& w13, const Tensor& w2,
                         const Tensor& order, const Tensor& inverse, const Tensor& weights,
-                        c10::IntArrayRef ends, int64_t k) {
+                        c10::IntArrayRef ends, int64_t k, int64_t block) {
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [y, gate_up] = routed_forward().call(x, w13, w2, order, inverse, weights, ends, k);
+    auto [y, gate_up] =
+        routed_forward().call(x, w13, w2, order, inverse, weights, ends, k, block);
     ctx->save_for_backward({x, w13, w2, gate_up, order, inverse, weights});
     ctx->saved_data["ends"] = ends.vec();
     ctx->saved_data["k"] = k;
+    ctx->saved_data["block"] = block;
     return y;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static auto fused = op<std::tuple<Tensor, Tensor, Tensor, Tensor>(
         const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-        const Tensor&, const Tensor&, c10::IntArrayRef, int64_t, c10::IntArrayRef)>(
+        const Tensor&, const Tensor&, c10::IntArrayRef, int64_t, c10::IntArrayRef, int64_t)>(
         "moe_ops::routed_swiglu_backward");
     auto s = ctx->get_saved_variables();
     // inputs 0-2 and 5: x, w13, w2, weights; the kernel's flags: x, weights, w13, w2
@@ -471,23 +434,25 @@ class RoutedSwiglu : public torch::autograd::Function<RoutedSwiglu> {
                                         ctx->needs_input_grad(1), ctx->needs_input_grad(2)};
     auto [gx, gw, g13, g2] =
         fused.call(grads[0].contiguous(), s[0], s[1], s[2], s[3], s[4], s[5], s[6],
-                   ctx->saved_data["ends"].toIntVector(), ctx->saved_data["k"].toInt(), needs);
+                   ctx->saved_data["ends"].toIntVector(), ctx->saved_data["k"].toInt(), needs,
+                   ctx->saved_data["block"].toInt());
     auto kept = [&](Tensor t, int i) { return ctx->needs_input_grad(i) ? t : Tensor(); };
-    return {kept(gx, 0), kept(g13, 1), kept(g2, 2), Tensor(),
-            Tensor(),    kept(gw, 5),  Tensor(),    Tensor()};
+    return {kept(gx, 0), kept(g13, 1), kept(g2, 2), Tensor(),  Tensor(),
+            kept(gw, 5), Tensor(),      Tensor(),     Tensor()};
   }
 };
 
 Tensor routed_swiglu_autograd(const Tensor& x, const Tensor& w13, const Tensor& w2,
                               const Tensor& order, const Tensor& inverse, const Tensor& weights,
-                              c10::IntArrayRef ends, int64_t k) {
-  return RoutedSwiglu::apply(x, w13, w2, order, inverse, weights, ends, k);
+                              c10::IntArrayRef ends, int64_t k, int64_t block) {
+  return RoutedSwiglu::apply(x, w13, w2, order, inverse, weights, ends, k, block);
 }
 
 Tensor routed_swiglu_plain(const Tensor& x, const Tensor& w13, const Tensor& w2,
                            const Tensor& order, const Tensor& inverse, const Tensor& weights,
-                           c10::IntArrayRef ends, int64_t k) {
-  return std::get<0>(routed_forward().call(x, w13, w2, order, inverse, weights, ends, k));
+                           c10::IntArrayRef ends, int64_t k, int64_t block) {
+  return std::get<0>(
+      routed_forward().call(x, w13, w2, order, inverse, weights, ends, k, block));
 }
 
 }  // namespace
@@ -496,7 +461,7 @@ TORCH_LIBRARY_FRAGMENT(moe_ops, m) {
   m.def("group_mm(Tensor a, Tensor b, int[] ends, int block) -> Tensor");
   m.def("grouped_swiglu(Tensor x, Tensor w13, Tensor w2, int[] ends, int block) -> Tensor");
   m.def("routed_swiglu(Tensor x, Tensor w13, Tensor w2, Tensor order, Tensor inverse, "
-        "Tensor weights, int[] ends, int k) -> Tensor");
+        "Tensor weights, int[] ends, int k, int block=0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moe_ops, CompositeExplicitAutograd, m) {

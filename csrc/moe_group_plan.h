@@ -14,6 +14,7 @@ namespace moe_ops {
 
 constexpr int64_t kChunk = 2048;  // rows per product at most in blocks: few distinct shapes
 constexpr int64_t kMinRows = 64;  // rows per thread at least, to share a product out
+constexpr int64_t kHalfBlock = 64;  // rows per block of half-precision products (oneDNN)
 
 // How products cut their rows: whole `block`-row blocks in products of at most `chunk` rows
 // (half precision), or block 1: exact rows in one product per piece (float32 / float64, whose

@@ -140,10 +140,10 @@ def grouped_swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                    offsets: torch.Tensor) -> torch.Tensor | None:
     """The whole grouped SwiGLU FFN as one compiled op with one C++ autograd node
     (`moe_ops::grouped_swiglu`: w13 (G, D, 2H) holds each group's gate and up weights side by
-    side, so they are one product, as are their weight gradient and the input gradient; in
-    float32 / float64 every step run group by group within each thread,
-    csrc/swiglu_ffn_cpu.cpp); None where it does not apply (no compiled kernels, or not every
-    tensor of x's dtype on CPU)."""
+    side, so they are one product, as are their weight gradient and the input gradient; every
+    step run group by group within each thread, on exact rows in float32 / float64 and whole
+    64-row blocks in half precision, csrc/swiglu_ffn_cpu.cpp); None where it does not apply (no
+    compiled kernels, or not every tensor of x's dtype on CPU)."""
     if not _compiled or not all(applies(x, w) for w in (w13, w2)):
         return None
     return torch.ops.moe_ops.grouped_swiglu(x.contiguous(), w13, w2, offsets.tolist(),
@@ -157,14 +157,15 @@ def routed_swiglu(rows: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, dispa
     -> (N, D), equal to `dispatch.combine(grouped_swiglu(dispatch.gather(rows), ...), weight)`
     (`moe_ops::routed_swiglu`, csrc/swiglu_ffn_cpu.cpp: each thread gathers a group's rows into
     its own buffer before the products, and the backward takes the combine weights' gradient
-    from h, so neither the permuted rows nor the expert outputs are kept). float32 / float64 on
-    CPU with the compiled kernels; None elsewhere."""
-    if not _compiled or rows.dtype not in (torch.float32, torch.float64) or \
-            not all(applies(rows, w) for w in (w13, w2)):
+    from h, so neither the permuted rows nor the expert outputs are kept). Every float dtype on
+    CPU with the compiled kernels (whole 64-row blocks in half precision, as `grouped_swiglu`);
+    None elsewhere."""
+    if not _compiled or not all(applies(rows, w) for w in (w13, w2)):
         return None
     return torch.ops.moe_ops.routed_swiglu(
         rows.contiguous(), w13, w2, dispatch.order, dispatch.inverse,
-        weight.reshape(-1).float().contiguous(), dispatch.offsets.tolist(), dispatch.k)
+        weight.reshape(-1).float().contiguous(), dispatch.offsets.tolist(), dispatch.k,
+        block_rows(rows.dtype))
 
 
 def split_grouped_linear(x: torch.Tensor, weight: torch.Tensor,

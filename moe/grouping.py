@@ -235,7 +235,7 @@ def _register_grouped_mm_flops() -> None:
         def _inner_flops(a_shape, b_shape, ends, *args, **kwargs) -> int:
             return 2 * (ends[-1] if ends else 0) * a_shape[1] * b_shape[1]
 
-        # the fused SwiGLU FFN (float32 / float64): its products, as the separate kernels count
+        # the fused SwiGLU FFN: its products on the groups' rows, as the separate kernels count
         @flop_counter.register_flop_formula(torch.ops.moe_ops.grouped_swiglu_forward)
         def _ffn_flops(x_shape, w13_shape, w2_shape, ends, *args, **kwargs) -> int:
             D, H2, Do = x_shape[1], w13_shape[2], w2_shape[2]

@@ -143,21 +143,21 @@ if AVAILABLE:
         return a.new_empty(len(ends), a.shape[1], b.shape[1])
 
     @torch.library.register_fake("moe_ops::grouped_swiglu_forward")
-    def _(x, w13, w2, ends):
+    def _(x, w13, w2, ends, block=0):
         return x.new_empty(x.shape[0], w2.shape[2]), x.new_empty(x.shape[0], w13.shape[2])
 
     @torch.library.register_fake("moe_ops::grouped_swiglu_backward")
-    def _(grad, x, w13, w2, gate_up, ends, needs):
+    def _(grad, x, w13, w2, gate_up, ends, needs, block=0):
         return tuple(t.new_empty(t.shape) if need else x.new_empty(0)
                      for t, need in zip((x, w13, w2), needs))
 
     @torch.library.register_fake("moe_ops::routed_swiglu_forward")
-    def _(x, w13, w2, order, inverse, weights, ends, k):
+    def _(x, w13, w2, order, inverse, weights, ends, k, block=0):
         kept = ends[-1] if ends else 0
         return x.new_empty(x.shape[0], w2.shape[2]), x.new_empty(kept, w13.shape[2])
 
     @torch.library.register_fake("moe_ops::routed_swiglu_backward")
-    def _(grad, x, w13, w2, gate_up, order, inverse, weights, ends, k, needs):
+    def _(grad, x, w13, w2, gate_up, order, inverse, weights, ends, k, needs, block=0):
         return tuple(t.new_empty(t.shape) if need else t.new_empty(0)
                      for t, need in zip((x, weights, w13, w2), needs))
 

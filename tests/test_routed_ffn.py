@@ -1,7 +1,8 @@
 """The routed SwiGLU FFN (csrc/swiglu_ffn_cpu.cpp): an MoE's gather, grouped experts and
 weighted combine in one op, against the separate steps in float64 (the dispatch's row layout,
 the per-group loop, the weighted sum per token), dropless and with dropped slots, at 1-3
-threads, with gradients asked for in any combination; and the MoE block taking it."""
+threads, on exact rows and on whole 64-row blocks (half precision's products), with gradients
+asked for in any combination; bfloat16 against float64; and the MoE block taking it."""
 
 import itertools
 
@@ -55,13 +56,14 @@ def call(x, w13, w2, weights, d):
 
 
 @needs_kernels
+@pytest.mark.parametrize("block", [1, 64])
 @pytest.mark.parametrize("N,E,k,capacity", CASES)
-def test_routed_ffn_equals_the_separate_steps(N, E, k, capacity, threads):
+def test_routed_ffn_equals_the_separate_steps(N, E, k, capacity, block, threads):
     (x, w13, w2), weights, d = case(N, E, k, capacity)
     if capacity is not None:
         assert d.dropped > 0 and not bool(d.keep.any(dim=1).all())  # tokens with no slot
     y, gate_up = torch.ops.moe_ops.routed_swiglu_forward(
-        x, w13, w2, d.order, d.inverse, weights, d.offsets.tolist(), k)
+        x, w13, w2, d.order, d.inverse, weights, d.offsets.tolist(), k, block)
     inputs = [t.clone().requires_grad_() for t in (x, w13, w2)]
     w64 = weights.double().requires_grad_()
     ry, rgate_up = reference(*inputs, w64, d)
@@ -70,7 +72,7 @@ def test_routed_ffn_equals_the_separate_steps(N, E, k, capacity, threads):
     grad = torch.randn_like(y)
     got = torch.ops.moe_ops.routed_swiglu_backward(
         grad, x, w13, w2, gate_up, d.order, d.inverse, weights, d.offsets.tolist(), k,
-        [1, 1, 1, 1])
+        [1, 1, 1, 1], block)
     want = torch.autograd.grad(ry, inputs + [w64], grad, allow_unused=True)
     want = [torch.zeros_like(t) if w is None else w for t, w in zip(inputs + [w64], want)]
     gx, gw, g13, g2 = got
@@ -83,10 +85,11 @@ def test_routed_ffn_equals_the_separate_steps(N, E, k, capacity, threads):
 
 
 @needs_kernels
-def test_routed_backward_computes_exactly_what_is_asked():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_routed_backward_computes_exactly_what_is_asked(dtype):
     # every combination of inputs wanting no gradient: the asked ones are the full call's, bit
     # for bit, the others empty
-    (x, w13, w2), weights, d = case(300, 4, 2, 90)
+    (x, w13, w2), weights, d = case(300, 4, 2, 90, dtype)
     args = (d.order, d.inverse, weights, d.offsets.tolist(), 2)
     _, gate_up = torch.ops.moe_ops.routed_swiglu_forward(x, w13, w2, *args)
     grad = torch.randn(x.shape[0], w2.shape[2], dtype=x.dtype)
@@ -99,19 +102,24 @@ def test_routed_backward_computes_exactly_what_is_asked():
 
 
 @needs_kernels
-def test_float32_routed_ffn_matches_float64():
-    (x, w13, w2), weights, d = case(300, 4, 2, None)
-    inputs32 = [t.float().requires_grad_() for t in (x, w13, w2)]
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+def test_routed_ffn_matches_float64(dtype, tol):
+    # float32 on exact rows, bfloat16 on 64-row blocks (each dtype's own choice)
+    (x, w13, w2), weights, d = case(300, 4, 2, None, d=64, hidden=96)
+    inputs = [t.to(dtype).requires_grad_() for t in (x, w13, w2)]
     w32 = weights.clone().requires_grad_()
-    inputs64 = [t.clone().requires_grad_() for t in (x, w13, w2)]
+    inputs64 = [t.to(dtype).double().requires_grad_() for t in (x, w13, w2)]
     w64 = weights.clone().requires_grad_()
-    y32, y64 = call(*inputs32, w32, d), call(*inputs64, w64, d)
-    torch.testing.assert_close(y32, y64.float(), rtol=1e-4, atol=1e-5)
+    y, y64 = call(*inputs, w32, d), call(*inputs64, w64, d)
+    assert y.dtype == dtype
+    scale = y64.abs().max()
+    assert (y.double() - y64).abs().max() <= tol * scale
     grad = torch.randn_like(y64)
-    g32 = torch.autograd.grad(y32, inputs32 + [w32], grad.float())
-    g64 = torch.autograd.grad(y64, inputs64 + [w64], grad)
-    for a, b in zip(g32, g64):
-        torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-4, atol=1e-4)
+    got = torch.autograd.grad(y, inputs + [w32], grad.to(dtype))
+    want = torch.autograd.grad(y64, inputs64 + [w64], grad)
+    assert [g.dtype for g in got] == [dtype] * 3 + [torch.float32]
+    for a, b in zip(got, want):
+        assert (a.double() - b.double()).abs().max() <= tol * b.abs().max()
 
 
 @needs_kernels
@@ -147,14 +155,16 @@ def test_routed_op_rejects_bad_input():
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("capacity_factor", [None, 0.8])
-def test_moe_block_takes_the_routed_op_and_matches_the_loop(capacity_factor, monkeypatch):
+def test_moe_block_takes_the_routed_op_and_matches_the_loop(capacity_factor, dtype, tol,
+                                                            monkeypatch):
     torch.manual_seed(0)
     cfg = MoEConfig(dim=32, hidden=48, num_experts=4, top_k=2, capacity_factor=capacity_factor)
-    block = MoE(cfg)
-    loop = MoE(MoEConfig(**{**cfg.__dict__, "implementation": "loop"}))
+    block = MoE(cfg).to(dtype)
+    loop = MoE(MoEConfig(**{**cfg.__dict__, "implementation": "loop"})).to(dtype)
     loop.load_state_dict(block.state_dict())
-    x = torch.randn(2, 50, 32)
+    x = torch.randn(2, 50, 32, dtype=dtype)
     calls = []
     original = cpu_gemm.routed_swiglu
 
@@ -164,11 +174,11 @@ def test_moe_block_takes_the_routed_op_and_matches_the_loop(capacity_factor, mon
 
     monkeypatch.setattr(cpu_gemm, "routed_swiglu", counted)
     y = block(x)
-    assert calls, "the float32 block should run the routed op"
+    assert calls, "the block should run the routed op"
     want = loop(x)
-    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, want, rtol=tol, atol=tol)
     params = list(block.parameters())
-    got = torch.autograd.grad(y.square().sum(), params)
-    ref = torch.autograd.grad(want.square().sum(), list(loop.parameters()))
+    got = torch.autograd.grad(y.float().square().sum(), params)
+    ref = torch.autograd.grad(want.float().square().sum(), list(loop.parameters()))
     for g, r in zip(got, ref):
-        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(g, r, rtol=10 * tol, atol=tol * r.abs().max().item())

@@ -1,7 +1,9 @@
 """The fused grouped SwiGLU FFN kernels (csrc/swiglu_ffn_cpu.cpp) against the per-group loop:
 every step run piece by piece per thread, with groups cut between threads, empty groups, rows
-past the last group, and gradients asked for in any combination. The gate and up weights are
-one (G, D, 2H) tensor w13 = [w1 | w3]; the loop runs them as two products."""
+past the last group, and gradients asked for in any combination; on exact rows and on whole
+64-row blocks (half precision's products; checked in float64 here, where the loop is exact).
+The gate and up weights are one (G, D, 2H) tensor w13 = [w1 | w3]; the loop runs them as two
+products."""
 
 import itertools
 
@@ -21,6 +23,7 @@ SIZES = [
     [0, 0, 0],                 # no rows at all
     [300],                     # one group over every thread
     [1, 2, 3, 5, 8, 13, 21, 34, 55, 89],
+    [4500, 10],                # a group over several 2048-row products of one thread
 ]
 
 
@@ -45,12 +48,13 @@ def loop(x, w13, w2, ends):
 
 
 @needs_kernels
+@pytest.mark.parametrize("block", [1, 64])
 @pytest.mark.parametrize("sizes", SIZES)
-def test_fused_forward_and_backward_equal_the_loop(sizes, threads):
+def test_fused_forward_and_backward_equal_the_loop(sizes, block, threads):
     (x, w13, w2), ends = case(sizes)
     n = ends[-1]
-    x[n:] = float("nan")  # rows past the groups are never read
-    y, gate_up = torch.ops.moe_ops.grouped_swiglu_forward(x, w13, w2, ends)
+    x[n:] = float("nan")  # rows past the groups never reach a result
+    y, gate_up = torch.ops.moe_ops.grouped_swiglu_forward(x, w13, w2, ends, block)
     inputs = [t.clone().requires_grad_() for t in (x, w13, w2)]
     ry, rgate_up = loop(inputs[0][:n], *inputs[1:], ends)
     for got, want in ((y, ry), (gate_up, rgate_up)):
@@ -58,7 +62,8 @@ def test_fused_forward_and_backward_equal_the_loop(sizes, threads):
         assert torch.equal(got[n:], got.new_zeros(got.shape[0] - n, got.shape[1]))
     grad = torch.randn_like(y)
     grad[n:] = float("nan")
-    got = torch.ops.moe_ops.grouped_swiglu_backward(grad, x, w13, w2, gate_up, ends, [1, 1, 1])
+    got = torch.ops.moe_ops.grouped_swiglu_backward(grad, x, w13, w2, gate_up, ends, [1, 1, 1],
+                                                    block)
     want = torch.autograd.grad(ry, inputs, grad[:n], allow_unused=True)
     want = [torch.zeros_like(t) if w is None else w for t, w in zip(inputs, want)]
     want[0] = torch.cat([want[0][:n], want[0].new_zeros(x.shape[0] - n, x.shape[1])])
@@ -67,16 +72,18 @@ def test_fused_forward_and_backward_equal_the_loop(sizes, threads):
 
 
 @needs_kernels
-def test_fused_backward_computes_exactly_what_is_asked():
+@pytest.mark.parametrize("block", [1, 64])
+def test_fused_backward_computes_exactly_what_is_asked(block):
     # every combination of frozen inputs: the asked gradients are the full call's, bit for bit
     # (the same products in the same order), the others empty
     (x, w13, w2), ends = case([100, 90, 110, 95])
-    _, gate_up = torch.ops.moe_ops.grouped_swiglu_forward(x, w13, w2, ends)
+    _, gate_up = torch.ops.moe_ops.grouped_swiglu_forward(x, w13, w2, ends, block)
     grad = torch.randn(x.shape[0], w2.shape[2], dtype=x.dtype)
-    full = torch.ops.moe_ops.grouped_swiglu_backward(grad, x, w13, w2, gate_up, ends, [1, 1, 1])
+    full = torch.ops.moe_ops.grouped_swiglu_backward(grad, x, w13, w2, gate_up, ends, [1, 1, 1],
+                                                     block)
     for needs in itertools.product([0, 1], repeat=3):
         got = torch.ops.moe_ops.grouped_swiglu_backward(grad, x, w13, w2, gate_up, ends,
-                                                        list(needs))
+                                                        list(needs), block)
         for need, g, f in zip(needs, got, full):
             if need:
                 assert torch.equal(g, f), needs
@@ -100,24 +107,46 @@ def test_float32_kernels_match_a_float64_loop():
 
 
 @needs_kernels
-def test_grouped_swiglu_op_takes_the_fused_kernels_for_exact_rows():
-    # the differentiable op with block 1 (float32 / float64) saves gate_up, not h, and its
-    # gradients equal the fused backward's
+def test_bfloat16_kernels_match_a_float64_loop():
+    # half precision: whole 64-row blocks (the kernels' choice for bfloat16), the products'
+    # rounding against the exact loop
+    (x, w13, w2), ends = case([300, 0, 200, 37, 250], torch.bfloat16, d=64, hidden=96, d_out=64)
+    n = ends[-1]
+    y, gate_up = torch.ops.moe_ops.grouped_swiglu_forward(x, w13, w2, ends)
+    inputs = [t.double().requires_grad_() for t in (x, w13, w2)]
+    ry, rgate_up = loop(inputs[0][:n], *inputs[1:], ends)
+    torch.testing.assert_close(gate_up[:n].double(), rgate_up.detach(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(y[:n].double(), ry.detach(), rtol=2e-2, atol=2e-2)
+    grad = torch.randn_like(y)
+    got = torch.ops.moe_ops.grouped_swiglu_backward(grad, x, w13, w2, gate_up, ends, [1, 1, 1])
+    want = torch.autograd.grad(ry, inputs, grad[:n].double())  # x's: zero past the groups
+    for g, w in zip(got, want):
+        assert g.dtype == torch.bfloat16
+        scale = w.abs().max()
+        assert (g.double() - w).abs().max() <= 2e-2 * scale
+
+
+@needs_kernels
+@pytest.mark.parametrize("block", [1, 64])
+def test_grouped_swiglu_op_takes_the_fused_kernels(block):
+    # the differentiable op saves gate_up, not h, and its gradients equal the fused backward's
     (x, w13, w2), ends = case([100, 0, 150])
     inputs = [t.clone().requires_grad_() for t in (x, w13, w2)]
-    y = torch.ops.moe_ops.grouped_swiglu(*inputs, ends, 1)
-    fy, gate_up = torch.ops.moe_ops.grouped_swiglu_forward(x, w13, w2, ends)
+    y = torch.ops.moe_ops.grouped_swiglu(*inputs, ends, block)
+    fy, gate_up = torch.ops.moe_ops.grouped_swiglu_forward(x, w13, w2, ends, block)
     assert torch.equal(y.detach(), fy)
     grad = torch.randn_like(y)
     got = torch.autograd.grad(y, inputs, grad)
-    want = torch.ops.moe_ops.grouped_swiglu_backward(grad, x, w13, w2, gate_up, ends, [1, 1, 1])
+    want = torch.ops.moe_ops.grouped_swiglu_backward(grad, x, w13, w2, gate_up, ends, [1, 1, 1],
+                                                     block)
     for g, w in zip(got, want):
         assert torch.equal(g, w)
 
 
 @needs_kernels
-def test_fused_kernels_pass_opcheck():
-    (x, w13, w2), ends = case([70, 5, 0, 30], torch.float32)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_kernels_pass_opcheck(dtype):
+    (x, w13, w2), ends = case([70, 5, 0, 30], dtype)
     y, gate_up = torch.ops.moe_ops.grouped_swiglu_forward(x, w13, w2, ends)
     grad = torch.randn_like(y)
     torch.library.opcheck(torch.ops.moe_ops.grouped_swiglu_forward, (x, w13, w2, ends))
@@ -129,8 +158,12 @@ def test_fused_kernels_pass_opcheck():
 @needs_kernels
 def test_fused_kernels_reject_bad_input():
     (x, w13, w2), ends = case([10, 20])
-    with pytest.raises(RuntimeError, match="float32 or float64"):
+    with pytest.raises(RuntimeError, match="bfloat16 or float16 tensor"):
+        torch.ops.moe_ops.grouped_swiglu_forward(x.int(), w13, w2, ends)
+    with pytest.raises(RuntimeError, match="weights must be of x's dtype"):
         torch.ops.moe_ops.grouped_swiglu_forward(x.bfloat16(), w13, w2, ends)
+    with pytest.raises(RuntimeError, match="block must be 0"):
+        torch.ops.moe_ops.grouped_swiglu_forward(x, w13, w2, ends, -1)
     with pytest.raises(RuntimeError, match="w2 must be"):
         torch.ops.moe_ops.grouped_swiglu_forward(x, w13, w2[:, :5], ends)
     with pytest.raises(RuntimeError, match="w13 must be"):
