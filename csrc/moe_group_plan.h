@@ -14,7 +14,11 @@ namespace moe_ops {
 
 constexpr int64_t kChunk = 2048;  // rows per product at most in blocks: few distinct shapes
 constexpr int64_t kMinRows = 64;  // rows per thread at least, to share a product out
-constexpr int64_t kHalfBlock = 64;  // rows per block of half-precision products (oneDNN)
+// Rows per block of the fused SwiGLU FFN's half-precision products (swiglu_ffn_cpu.cpp): 16
+// (AMX's tile height) pads a piece by 8 rows on average where 64 padded it by 32, for four times
+// as many distinct shapes for oneDNN to compile in the first steps; the grouped products
+// (group_gemm_cpu.cpp) take their block from the caller (moe.cpu_gemm.BLOCK, 64).
+constexpr int64_t kHalfBlock = 16;
 
 // How products cut their rows: whole `block`-row blocks in products of at most `chunk` rows
 // (half precision), or block 1: exact rows in one product per piece (float32 / float64, whose

@@ -1,7 +1,7 @@
 // The grouped SwiGLU FFN of MoE experts and MoT modalities on CPU, every step of it run piece by
-// piece, in float32 / float64 on exact rows and in bfloat16 / float16 on whole 64-row blocks. The gate and up weights are one tensor w13 (G, D, 2H): columns
-// [0, H) of w13[g] are the gate's (w1), [H, 2H) the up product's (w3), as in HF's gate_up_proj
-// and Megatron's fused fc1.
+// piece, in float32 / float64 on exact rows and in bfloat16 / float16 on whole 16-row blocks.
+// The gate and up weights are one tensor w13 (G, D, 2H): columns [0, H) of w13[g] are the
+// gate's (w1), [H, 2H) the up product's (w3), as in HF's gate_up_proj and Megatron's fused fc1.
 //
 //   grouped_swiglu_forward(x (N, D), w13 (G, D, 2H), w2 (G, H, Do), ends [G], block)
 //       -> y (N, Do), gate_up (N, 2H)             rows of group g: h w2[g], gate_up = x w13[g],
@@ -15,7 +15,8 @@
 //   routed_swiglu_backward(grad (N, Do), x, w13, w2, gate_up, order, inverse, weights, ends, k,
 //                          needs [4], block) -> grad_x, grad_weights (S,), grad_w13, grad_w2
 //
-// block: rows per block of the products, 0 = by dtype (64 in half precision, 1 otherwise).
+// block: rows per block of the products, 0 = by dtype (16 in half precision: kHalfBlock in
+// moe_group_plan.h; 1 otherwise).
 //
 // Rows are shared out among the threads as by the grouped products (moe_group_plan.h: one
 // stretch of about equal rows per thread, cut a whole number of blocks after a group's start,
@@ -35,7 +36,7 @@
 //
 // On blocks (half precision, whose oneDNN products compile a kernel for every new shape: see
 // group_gemm_cpu.cpp) every product runs the piece's rows rounded up to whole blocks, so it
-// meets one of 32 row counts. The extra rows are read in place where they are the groups' rows
+// meets one of 128 row counts (16 to 2048). The extra rows are read in place where they are the groups' rows
 // (else a thread's buffer holds the piece's rows and zeros), their results are written where
 // the same thread's later pieces overwrite them (else into a buffer, whose piece rows are
 // copied out), and in the backward the element-wise pass gives zero rows there, so they add
@@ -134,8 +135,8 @@ void check_ffn(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2,
   }
 }
 
-// Rows per block: as asked, or by dtype where 0 (whole 64-row blocks in half precision, whose
-// oneDNN products compile a kernel per shape; exact rows otherwise).
+// Rows per block: as asked, or by dtype where 0 (whole kHalfBlock-row blocks in half precision,
+// whose oneDNN products compile a kernel per shape; exact rows otherwise).
 int64_t block_for(const at::Tensor& x, int64_t block) {
   TORCH_CHECK(block >= 0, "block must be 0 (by dtype) or a number of rows, got ", block);
   if (block > 0) return block;

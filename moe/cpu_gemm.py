@@ -28,6 +28,10 @@ import torch
 from moe.ops import AVAILABLE as _compiled
 
 BLOCK = 64
+# The fused SwiGLU FFN kernels' rows per block: 0 lets them choose by dtype (exact rows in
+# float32 / float64; 16-row blocks in half precision, padding a piece by 8 rows on average,
+# csrc/moe_group_plan.h).
+FFN_BLOCK = 0
 
 
 def head_end(start: int, end: int, block: int = BLOCK) -> int:
@@ -142,12 +146,12 @@ def grouped_swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     (`moe_ops::grouped_swiglu`: w13 (G, D, 2H) holds each group's gate and up weights side by
     side, so they are one product, as are their weight gradient and the input gradient; every
     step run group by group within each thread, on exact rows in float32 / float64 and whole
-    64-row blocks in half precision, csrc/swiglu_ffn_cpu.cpp); None where it does not apply (no
+    16-row blocks in half precision, csrc/swiglu_ffn_cpu.cpp); None where it does not apply (no
     compiled kernels, or not every tensor of x's dtype on CPU)."""
     if not _compiled or not all(applies(x, w) for w in (w13, w2)):
         return None
     return torch.ops.moe_ops.grouped_swiglu(x.contiguous(), w13, w2, offsets.tolist(),
-                                            block_rows(x.dtype))
+                                            FFN_BLOCK)
 
 
 def routed_swiglu(rows: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, dispatch,
@@ -158,14 +162,14 @@ def routed_swiglu(rows: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, dispa
     (`moe_ops::routed_swiglu`, csrc/swiglu_ffn_cpu.cpp: each thread gathers a group's rows into
     its own buffer before the products, and the backward takes the combine weights' gradient
     from h, so neither the permuted rows nor the expert outputs are kept). Every float dtype on
-    CPU with the compiled kernels (whole 64-row blocks in half precision, as `grouped_swiglu`);
+    CPU with the compiled kernels (whole 16-row blocks in half precision, as `grouped_swiglu`);
     None elsewhere."""
     if not _compiled or not all(applies(rows, w) for w in (w13, w2)):
         return None
     return torch.ops.moe_ops.routed_swiglu(
         rows.contiguous(), w13, w2, dispatch.order, dispatch.inverse,
         weight.reshape(-1).float().contiguous(), dispatch.offsets.tolist(), dispatch.k,
-        block_rows(rows.dtype))
+        FFN_BLOCK)
 
 
 def split_grouped_linear(x: torch.Tensor, weight: torch.Tensor,

@@ -1,8 +1,9 @@
 """The routed SwiGLU FFN (csrc/swiglu_ffn_cpu.cpp): an MoE's gather, grouped experts and
 weighted combine in one op, against the separate steps in float64 (the dispatch's row layout,
 the per-group loop, the weighted sum per token), dropless and with dropped slots, at 1-3
-threads, on exact rows and on whole 64-row blocks (half precision's products), with gradients
-asked for in any combination; bfloat16 against float64; and the MoE block taking it."""
+threads, on exact rows and on whole 16- and 64-row blocks (half precision's products), with
+gradients asked for in any combination; bfloat16 against float64; and the MoE block taking
+it."""
 
 import itertools
 
@@ -56,7 +57,7 @@ def call(x, w13, w2, weights, d):
 
 
 @needs_kernels
-@pytest.mark.parametrize("block", [1, 64])
+@pytest.mark.parametrize("block", [1, 16, 64])
 @pytest.mark.parametrize("N,E,k,capacity", CASES)
 def test_routed_ffn_equals_the_separate_steps(N, E, k, capacity, block, threads):
     (x, w13, w2), weights, d = case(N, E, k, capacity)
@@ -104,7 +105,7 @@ def test_routed_backward_computes_exactly_what_is_asked(dtype):
 @needs_kernels
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
 def test_routed_ffn_matches_float64(dtype, tol):
-    # float32 on exact rows, bfloat16 on 64-row blocks (each dtype's own choice)
+    # float32 on exact rows, bfloat16 on 16-row blocks (each dtype's own choice)
     (x, w13, w2), weights, d = case(300, 4, 2, None, d=64, hidden=96)
     inputs = [t.to(dtype).requires_grad_() for t in (x, w13, w2)]
     w32 = weights.clone().requires_grad_()

@@ -1,9 +1,9 @@
 """The fused grouped SwiGLU FFN kernels (csrc/swiglu_ffn_cpu.cpp) against the per-group loop:
 every step run piece by piece per thread, with groups cut between threads, empty groups, rows
 past the last group, and gradients asked for in any combination; on exact rows and on whole
-64-row blocks (half precision's products; checked in float64 here, where the loop is exact).
-The gate and up weights are one (G, D, 2H) tensor w13 = [w1 | w3]; the loop runs them as two
-products."""
+16- and 64-row blocks (half precision's products; checked in float64 here, where the loop is
+exact). The gate and up weights are one (G, D, 2H) tensor w13 = [w1 | w3]; the loop runs them
+as two products."""
 
 import itertools
 
@@ -48,7 +48,7 @@ def loop(x, w13, w2, ends):
 
 
 @needs_kernels
-@pytest.mark.parametrize("block", [1, 64])
+@pytest.mark.parametrize("block", [1, 16, 64])
 @pytest.mark.parametrize("sizes", SIZES)
 def test_fused_forward_and_backward_equal_the_loop(sizes, block, threads):
     (x, w13, w2), ends = case(sizes)
@@ -72,7 +72,7 @@ def test_fused_forward_and_backward_equal_the_loop(sizes, block, threads):
 
 
 @needs_kernels
-@pytest.mark.parametrize("block", [1, 64])
+@pytest.mark.parametrize("block", [1, 16, 64])
 def test_fused_backward_computes_exactly_what_is_asked(block):
     # every combination of frozen inputs: the asked gradients are the full call's, bit for bit
     # (the same products in the same order), the others empty
@@ -108,7 +108,7 @@ def test_float32_kernels_match_a_float64_loop():
 
 @needs_kernels
 def test_bfloat16_kernels_match_a_float64_loop():
-    # half precision: whole 64-row blocks (the kernels' choice for bfloat16), the products'
+    # half precision: whole 16-row blocks (the kernels' choice for bfloat16), the products'
     # rounding against the exact loop
     (x, w13, w2), ends = case([300, 0, 200, 37, 250], torch.bfloat16, d=64, hidden=96, d_out=64)
     n = ends[-1]
@@ -127,7 +127,7 @@ def test_bfloat16_kernels_match_a_float64_loop():
 
 
 @needs_kernels
-@pytest.mark.parametrize("block", [1, 64])
+@pytest.mark.parametrize("block", [1, 16, 64])
 def test_grouped_swiglu_op_takes_the_fused_kernels(block):
     # the differentiable op saves gate_up, not h, and its gradients equal the fused backward's
     (x, w13, w2), ends = case([100, 0, 150])
