@@ -66,3 +66,15 @@ def test_block_benches_run_and_end_with_their_ratios(capsys):
     for dtype in ("float32", "bfloat16"):
         assert mot[dtype]["mot_vs_dense"] > 0 and mot[dtype]["mot_vs_maskloop"] > 0
         assert moe[dtype]["moe_vs_dense"] > 0
+
+
+def test_rounds_reverse_their_order_every_other_round():
+    from experiments.bench import time_rounds
+
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times = time_rounds(fns, repeats=3, warmup=1)
+    # warm-up in order, then rounds a b c | c b a | a b c
+    assert calls == list("abc") + list("abc") + list("cba") + list("abc")
+    assert {name: len(ts) for name, ts in times.items()} == {"a": 3, "b": 3, "c": 3}
+    assert all(t >= 0 for ts in times.values() for t in ts)

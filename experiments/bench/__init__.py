@@ -1,8 +1,11 @@
 """Benchmarks: `python -m experiments.bench NAME` prints a table, then one JSON line of ratios.
 
-Variants are timed alternately in one process after warm-up. Times are reported as medians, and
-ratios as the median over rounds of the ratio within a round (paired: two variants timed
-back to back see the same machine load), so that ratios carry the result on noisy machines.
+Variants are timed alternately in one process after warm-up, in forward order in even rounds
+and in reverse order in odd ones (a, b, b, a, ...: no variant always runs after the same one,
+and a steady drift of the machine's speed cancels out of each pair of rounds). Times are reported
+as medians, and ratios as the median over rounds of the ratio within a round (paired: two
+variants timed back to back see the same machine load), so that ratios carry the result on
+noisy machines.
 """
 
 from __future__ import annotations
@@ -28,15 +31,22 @@ def warmup_calls(requested: int | None, dtype: torch.dtype) -> int:
     return WARMUP.get(dtype, 8) if requested is None else requested
 
 
+def round_order(names: list[str], round_index: int) -> list[str]:
+    """The order of the calls in a round: `names` in even rounds, reversed in odd ones."""
+    return names if round_index % 2 == 0 else names[::-1]
+
+
 def time_rounds(fns: dict[str, Callable[[], None]], repeats: int = 7,
                 warmup: int = 2) -> dict[str, list[float]]:
-    """Seconds of each function in each round, calling them in turn (a, b, c, a, b, c, ...)."""
+    """Seconds of each function in each round, calling them in turn, the order reversed every
+    other round (a, b, c, c, b, a, a, b, c, ...)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    for r in range(repeats):
+        for name in round_order(list(fns), r):
+            fn = fns[name]
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)

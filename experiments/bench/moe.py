@@ -53,7 +53,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=24)
     parser.add_argument("--warmup", type=int, default=None,
                         help="untimed calls first (default: 8 in float32, 48 in half "
                              "precision, see experiments.bench.WARMUP)")
