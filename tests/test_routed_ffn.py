@@ -103,24 +103,39 @@ def test_routed_backward_computes_exactly_what_is_asked(dtype):
 
 
 @needs_kernels
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
-def test_routed_ffn_matches_float64(dtype, tol):
-    # float32 on exact rows, bfloat16 on 16-row blocks (each dtype's own choice)
-    (x, w13, w2), weights, d = case(300, 4, 2, None, d=64, hidden=96)
-    inputs = [t.to(dtype).requires_grad_() for t in (x, w13, w2)]
+def test_float32_routed_ffn_matches_float64():
+    (x, w13, w2), weights, d = case(300, 4, 2, None)
+    inputs32 = [t.float().requires_grad_() for t in (x, w13, w2)]
     w32 = weights.clone().requires_grad_()
-    inputs64 = [t.to(dtype).double().requires_grad_() for t in (x, w13, w2)]
+    inputs64 = [t.clone().requires_grad_() for t in (x, w13, w2)]
     w64 = weights.clone().requires_grad_()
-    y, y64 = call(*inputs, w32, d), call(*inputs64, w64, d)
-    assert y.dtype == dtype
-    scale = y64.abs().max()
-    assert (y.double() - y64).abs().max() <= tol * scale
+    y32, y64 = call(*inputs32, w32, d), call(*inputs64, w64, d)
+    torch.testing.assert_close(y32, y64.float(), rtol=1e-4, atol=1e-5)
     grad = torch.randn_like(y64)
-    got = torch.autograd.grad(y, inputs + [w32], grad.to(dtype))
+    g32 = torch.autograd.grad(y32, inputs32 + [w32], grad.float())
+    g64 = torch.autograd.grad(y64, inputs64 + [w64], grad)
+    for a, b in zip(g32, g64):
+        torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
+def test_bfloat16_routed_ffn_matches_float64():
+    # bfloat16 on 16-row blocks (its own choice) against float64 on the same rounded inputs:
+    # every result within 2 % of the largest reference value (the products round to bfloat16)
+    (x, w13, w2), weights, d = case(300, 4, 2, None, d=64, hidden=96)
+    inputs = [t.bfloat16().requires_grad_() for t in (x, w13, w2)]
+    w16 = weights.clone().requires_grad_()
+    inputs64 = [t.bfloat16().double().requires_grad_() for t in (x, w13, w2)]
+    w64 = weights.clone().requires_grad_()
+    y, y64 = call(*inputs, w16, d), call(*inputs64, w64, d)
+    assert y.dtype == torch.bfloat16
+    assert (y.double() - y64).abs().max() <= 2e-2 * y64.abs().max()
+    grad = torch.randn_like(y64)
+    got = torch.autograd.grad(y, inputs + [w16], grad.bfloat16())
     want = torch.autograd.grad(y64, inputs64 + [w64], grad)
-    assert [g.dtype for g in got] == [dtype] * 3 + [torch.float32]
+    assert [g.dtype for g in got] == [torch.bfloat16] * 3 + [torch.float32]
     for a, b in zip(got, want):
-        assert (a.double() - b.double()).abs().max() <= tol * b.abs().max()
+        assert (a.double() - b.double()).abs().max() <= 2e-2 * b.abs().max()
 
 
 @needs_kernels
@@ -182,4 +197,7 @@ def test_moe_block_takes_the_routed_op_and_matches_the_loop(capacity_factor, dty
     got = torch.autograd.grad(y.float().square().sum(), params)
     ref = torch.autograd.grad(want.float().square().sum(), list(loop.parameters()))
     for g, r in zip(got, ref):
-        torch.testing.assert_close(g, r, rtol=10 * tol, atol=tol * r.abs().max().item())
+        if dtype == torch.float32:
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+        else:  # both round their products to bfloat16, in different orders
+            assert (g.double() - r.double()).abs().max() <= tol * r.abs().max()

@@ -53,7 +53,7 @@ def loop(x, w13, w2, ends):
 def test_fused_forward_and_backward_equal_the_loop(sizes, block, threads):
     (x, w13, w2), ends = case(sizes)
     n = ends[-1]
-    x[n:] = float("nan")  # rows past the groups never reach a result
+    x[n:] = float("nan")  # rows past the groups are never read
     y, gate_up = torch.ops.moe_ops.grouped_swiglu_forward(x, w13, w2, ends, block)
     inputs = [t.clone().requires_grad_() for t in (x, w13, w2)]
     ry, rgate_up = loop(inputs[0][:n], *inputs[1:], ends)
