@@ -349,8 +349,8 @@ Tensor group_mm_plain(const Tensor& a, const Tensor& b, c10::IntArrayRef ends, i
 // rows of group g = (silu(x w1[g]) * x w3[g]) w2[g] with w13[g] = [w1[g] | w3[g]], the expert
 // (or modality) FFN as one node: the piece-by-piece kernels of csrc/swiglu_ffn_cpu.cpp, whose
 // products run exact rows (block 1: float32 / float64) or whole blocks of rows (half
-// precision; block 0 = by dtype). The forward saves gate_up (the gate and up products side by side), not h: the
-// backward recomputes h in the pass that takes the gate's gradient.
+// precision; block 0 = by dtype). The forward saves gate_up (the gate and up products side by
+// side), not h: the backward recomputes h in the pass that takes the gate's gradient.
 using FfnForward = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                               c10::IntArrayRef, int64_t);
 auto& fused_forward() {

@@ -36,12 +36,12 @@
 //
 // On blocks (half precision, whose oneDNN products compile a kernel for every new shape: see
 // group_gemm_cpu.cpp) every product runs the piece's rows rounded up to whole blocks, so it
-// meets one of 128 row counts (16 to 2048). The extra rows are read in place where they are the groups' rows
-// (else a thread's buffer holds the piece's rows and zeros), their results are written where
-// the same thread's later pieces overwrite them (else into a buffer, whose piece rows are
-// copied out), and in the backward the element-wise pass gives zero rows there, so they add
-// nothing to the weight gradients. A thread's pieces of one group sum into its weight gradients
-// in the output's dtype.
+// meets one of 128 row counts (16 to 2048). The extra rows are read in place where they are the
+// groups' rows (else a thread's buffer holds the piece's rows and zeros), their results are
+// written where the same thread's later pieces overwrite them (else into a buffer, whose piece
+// rows are copied out), and in the backward the element-wise pass gives zero rows there, so they
+// add nothing to the weight gradients. A thread's pieces of one group sum into its weight
+// gradients in the output's dtype.
 //
 // The routed ops take the token rows and the dispatch's layout (moe_ops::sort_by_group: grouped
 // row r is slot order[r] of token order[r] / k, kept = the last end) instead of permuted rows:
@@ -224,7 +224,8 @@ std::tuple<at::Tensor, at::Tensor> ffn_forward(const at::Tensor& x, const at::Te
     const int64_t most = most_rows(run, block), limit = write_limit(runs, r, rows);
     // buffers are allocated, not touched, until a piece needs them
     auto h = at::empty({most, H}, x.options()), xg = at::empty({most, D}, x.options());
-    auto gu_spare = at::empty({most, H2}, x.options()), y_spare = at::empty({most, Do}, x.options());
+    auto gu_spare = at::empty({most, H2}, x.options());
+    auto y_spare = at::empty({most, Do}, x.options());
     for (const Piece& p : run) {
       const int64_t n = p.end - p.start, m = round_up(n, block);
       auto xs = piece_rows(x, route, p, m, done, xg);
