@@ -61,7 +61,7 @@ void rows_product(const at::Tensor& a, const at::Tensor& bg, at::Tensor& out, in
                   int64_t e, int64_t floor, int64_t limit, Cut cut_rows) {
   const int64_t block = cut_rows.block;
   for (; e - s >= cut_rows.chunk; s += cut_rows.chunk) rows_times(a, bg, out, s, cut_rows.chunk);
-  const int64_t rows = (e - s + block - 1) / block * block;
+  const int64_t rows = round_up(e - s, block);
   if (rows == 0) return;
   if (s + rows <= limit) {
     rows_times(a, bg, out, s, rows);
@@ -103,7 +103,7 @@ void inner_product(const at::Tensor& a, const at::Tensor& b, at::Tensor outg, in
     first = false;
   };
   for (; e - s >= chunk; s += chunk) add(a.narrow(0, s, chunk).t(), b.narrow(0, s, chunk));
-  const int64_t n = e - s, rows = (n + block - 1) / block * block;
+  const int64_t n = e - s, rows = round_up(n, block);
   const bool pad_a = a.size(1) <= b.size(1);
   const int64_t narrow = pad_a ? a.size(1) : b.size(1);
   const int64_t lo = s + rows <= done ? s : e - rows;  // the whole blocks read in place

@@ -20,6 +20,9 @@ constexpr int64_t kMinRows = 64;  // rows per thread at least, to share a produc
 // (group_gemm_cpu.cpp) take their block from the caller (moe.cpu_gemm.BLOCK, 64).
 constexpr int64_t kHalfBlock = 16;
 
+// n rows rounded up to whole blocks.
+inline int64_t round_up(int64_t n, int64_t block) { return (n + block - 1) / block * block; }
+
 // How products cut their rows: whole `block`-row blocks in products of at most `chunk` rows
 // (half precision), or block 1: exact rows in one product per piece (float32 / float64, whose
 // BLAS kernels compile nothing per shape).

@@ -144,8 +144,6 @@ int64_t block_for(const at::Tensor& x, int64_t block) {
   return t == at::kBFloat16 || t == at::kHalf ? kHalfBlock : 1;
 }
 
-int64_t round_up(int64_t n, int64_t block) { return (n + block - 1) / block * block; }
-
 // The largest piece of a thread's run, in whole blocks: the rows its scratch buffers hold.
 int64_t most_rows(const std::vector<Piece>& run, int64_t block) {
   int64_t most = 0;
