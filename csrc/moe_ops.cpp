@@ -85,6 +85,10 @@ void permute_kernel(const scalar_t* x, const int64_t* order, const float* w, sca
       std::memset(static_cast<void*>(dst), 0, D * sizeof(scalar_t));
       continue;
     }
+    if (row + rows::kAhead < R) {
+      const int64_t next = row_slot(order, kept, row + rows::kAhead);
+      if (next >= 0) rows::prefetch_row(x + token_of_slot(next, k) * D, D * sizeof(scalar_t));
+    }
     const scalar_t* src = x + token_of_slot(slot, k) * D;
     if (other != nullptr) {
       dots[slot] = static_cast<float>(rows::scale_dot<scalar_t, acc_t>(
@@ -107,6 +111,12 @@ void unpermute_kernel(const scalar_t* y, const int64_t* inverse, const float* w,
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < N; ++t) {
       scalar_t* dst = out + t * D;
+      if (t + rows::kAhead < N) {
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t next = slot_row(inverse, kept, (t + rows::kAhead) * k + j);
+          if (next >= 0) rows::prefetch_row(y + next * D, D * sizeof(scalar_t));
+        }
+      }
       int64_t used = 0;
       for (int64_t j = 0; j < k; ++j) {
         const int64_t slot = t * k + j;

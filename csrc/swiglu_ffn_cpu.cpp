@@ -70,6 +70,7 @@
 
 #include "moe_group_plan.h"
 #include "moe_index.h"
+#include "moe_rows_cpu.h"
 #include "moe_swiglu.h"
 
 namespace moe_ops {
@@ -177,9 +178,13 @@ at::Tensor piece_rows(const at::Tensor& src, const Route* route, const Piece& p,
     const int64_t bytes = src.size(1) * src.element_size();
     const char* from = static_cast<const char*>(src.data_ptr());
     char* to = static_cast<char*>(dst.data_ptr());
+    const int64_t* order = route->order + p.start;
     for (int64_t i = 0; i < n; ++i) {
-      const int64_t token = token_of_slot(route->order[p.start + i], route->k);
-      std::memcpy(to + i * bytes, from + token * bytes, bytes);
+      if (i + rows::kAhead < n) {
+        rows::prefetch_row(from + token_of_slot(order[i + rows::kAhead], route->k) * bytes,
+                           bytes);
+      }
+      std::memcpy(to + i * bytes, from + token_of_slot(order[i], route->k) * bytes, bytes);
     }
   }
   if (m > n) dst.narrow(0, n, m - n).zero_();
