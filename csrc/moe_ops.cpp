@@ -85,10 +85,6 @@ void permute_kernel(const scalar_t* x, const int64_t* order, const float* w, sca
       std::memset(static_cast<void*>(dst), 0, D * sizeof(scalar_t));
       continue;
     }
-    if (row + rows::kAhead < R) {
-      const int64_t next = row_slot(order, kept, row + rows::kAhead);
-      if (next >= 0) rows::prefetch_row(x + token_of_slot(next, k) * D, D * sizeof(scalar_t));
-    }
     const scalar_t* src = x + token_of_slot(slot, k) * D;
     if (other != nullptr) {
       dots[slot] = static_cast<float>(rows::scale_dot<scalar_t, acc_t>(
