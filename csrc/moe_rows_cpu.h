@@ -89,6 +89,15 @@ inline void accumulate(acc_t* acc, const scalar_t* src, acc_t s, int64_t D, bool
   }
 }
 
+// dst = a * sa + b * sb: two rows combined in one pass (a token's k = 2 expert rows)
+template <typename scalar_t, typename acc_t>
+inline void combine2(const scalar_t* a, acc_t sa, const scalar_t* b, acc_t sb, scalar_t* dst,
+                     int64_t D) {
+  for (int64_t d = 0; d < D; ++d) {
+    dst[d] = static_cast<scalar_t>(static_cast<acc_t>(a[d]) * sa + static_cast<acc_t>(b[d]) * sb);
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 inline void store(const acc_t* acc, scalar_t* dst, int64_t D) {
   for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(acc[d]);
@@ -132,6 +141,12 @@ MOE_CLONES static void accumulate_f32(float* acc, const float* src, float s, int
   }
 }
 
+MOE_CLONES static void combine2_f32(const float* a, float sa, const float* b, float sb,
+                                    float* dst, int64_t D) {
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) dst[d] = a[d] * sa + b[d] * sb;
+}
+
 MOE_CLONES static float dot_f32(const float* a, const float* b, int64_t D) {
   float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
@@ -165,6 +180,11 @@ inline void accumulate<float, float>(float* acc, const float* src, float s, int6
   accumulate_f32(acc, src, s, D, first);
 }
 template <>
+inline void combine2<float, float>(const float* a, float sa, const float* b, float sb, float* dst,
+                                   int64_t D) {
+  combine2_f32(a, sa, b, sb, dst, D);
+}
+template <>
 inline float dot<float, float>(const float* a, const float* b, int64_t D) {
   return dot_f32(a, b, D);
 }
@@ -190,6 +210,12 @@ MOE_CLONES static void accumulate_bf16(float* acc, const uint16_t* src, float s,
 MOE_CLONES static void store_bf16(const float* acc, uint16_t* dst, int64_t D) {
 #pragma omp simd
   for (int64_t d = 0; d < D; ++d) dst[d] = to_bf16(acc[d]);
+}
+
+MOE_CLONES static void combine2_bf16(const uint16_t* a, float sa, const uint16_t* b, float sb,
+                                     uint16_t* dst, int64_t D) {
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) dst[d] = to_bf16(from_bf16(a[d]) * sa + from_bf16(b[d]) * sb);
 }
 
 MOE_CLONES static float dot_bf16(const uint16_t* a, const uint16_t* b, int64_t D) {
@@ -226,6 +252,11 @@ inline void accumulate<bf16, float>(float* acc, const bf16* src, float s, int64_
 template <>
 inline void store<bf16, float>(const float* acc, bf16* dst, int64_t D) {
   store_bf16(acc, bits(dst), D);
+}
+template <>
+inline void combine2<bf16, float>(const bf16* a, float sa, const bf16* b, float sb, bf16* dst,
+                                  int64_t D) {
+  combine2_bf16(bits(a), sa, bits(b), sb, bits(dst), D);
 }
 template <>
 inline float dot<bf16, float>(const bf16* a, const bf16* b, int64_t D) {
