@@ -1,7 +1,8 @@
 // Row loops of the CPU kernels (moe_ops.cpp): scale, accumulate, store and dot one row of D
 // values (and scale_dot: a scaled copy and a dot product in one read; combine2: two scaled rows
-// summed in one pass), accumulating in float32 (float64 for double); `exp_f32`, an exp that vectorises (fused_cpu.cpp, router_cpu.cpp); and
-// `prefetch_row` for loops that gather rows (also swiglu_ffn_cpu.cpp).
+// summed in one pass), accumulating in float32 (float64 for double); `exp_f32`, an exp that
+// vectorises (fused_cpu.cpp, router_cpu.cpp); and `prefetch_row` for loops that gather rows
+// (also swiglu_ffn_cpu.cpp).
 //
 // float32 and bfloat16 get their own loops, compiled for AVX-512, AVX2 and baseline x86-64
 // (GCC picks one when the library loads: `target_clones`), with bfloat16 converted by bit
