@@ -69,6 +69,29 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("D", [1, 15, 16, 33, 1024])
+@pytest.mark.parametrize("k", [1, 2])
+def test_unpermute_one_pass_widths_equal_reference(dtype, D, k):
+    # top-1 / top-2 tokens with every slot kept take the one-pass combine; with a capacity some
+    # tokens lose a slot and take the row-by-row sum: widths cover the vector body and its tail
+    N, G = 40, 4
+    for capacity in (None, 6):
+        ids, priority, _ = case(N, k, G, capacity, False, seed=D)
+        order, inverse, counts = ops.sort_by_group(ids, G, priority, capacity)
+        kept = int(counts.sum())
+        y = torch.randn(kept, D).to(dtype)
+        w = torch.rand(N * k)
+        for weights in (None, w):
+            got = torch.ops.moe_ops.unpermute_rows(y, order, inverse, weights, k, kept)
+            want = ops.unpermute_rows_reference(y, order, inverse, weights, k, kept)
+            if dtype == torch.float32:  # a fused multiply-add may round once where it rounds twice
+                torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+            else:
+                torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+
+
+@needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("N, k, G, capacity, empty_group", [c for c in CASES if c[0] in (0, 9)])
 def test_rows_ops_equal_reference(dtype, N, k, G, capacity, empty_group):
