@@ -38,8 +38,9 @@
 // group_gemm_cpu.cpp) every product runs the piece's rows rounded up to whole blocks, so it
 // meets one of 128 row counts (16 to 2048). The extra rows are read in place where they are the
 // groups' rows (else a thread's buffer holds the piece's rows and zeros), their results are
-// written where the same thread's later pieces overwrite them (else into a buffer, whose piece
-// rows are copied out), and in the backward the element-wise pass gives zero rows there, so they
+// written where the same thread's later pieces overwrite them, or, for the last thread, into
+// block - 1 spare rows that the outputs' storage holds past their end (else into a buffer, whose
+// piece rows are copied out), and in the backward the element-wise pass gives zero rows there, so they
 // add nothing to the weight gradients. A thread's pieces of one group sum into its weight
 // gradients in the output's dtype.
 //
@@ -206,9 +207,17 @@ void place(const at::Tensor& out, const Piece& p, const at::Tensor& rows) {
 }
 
 // The rows a run may write past a piece's end: up to its last piece's end, or for the last run
-// to the end of the output.
-int64_t write_limit(const std::vector<std::vector<Piece>>& runs, int64_t r, int64_t rows) {
-  return r + 1 == static_cast<int64_t>(runs.size()) ? rows : runs[r].back().end;
+// to the end of the output's storage (`tall`).
+int64_t write_limit(const std::vector<std::vector<Piece>>& runs, int64_t r, int64_t tall) {
+  return r + 1 == static_cast<int64_t>(runs.size()) ? tall : runs[r].back().end;
+}
+
+// An output of `rows` rows whose storage runs block - 1 rows further: the last run's last
+// piece, rounded up to whole blocks, then writes its products in place instead of into a buffer
+// copied out afterwards (in bench moe's bfloat16 layer that copy was 0.5 ms of the forward's
+// second thread: a (rows, 2H) gate_up piece). Returns the storage; narrow it to `rows`.
+at::Tensor tall_rows(int64_t rows, int64_t width, int64_t block, const at::TensorOptions& o) {
+  return at::empty({rows + block - 1, width}, o);
 }
 
 // y (rows, D_out), gate_up (rows, 2H) for the grouped rows: x's own rows, or routed x's token
@@ -217,14 +226,16 @@ std::tuple<at::Tensor, at::Tensor> ffn_forward(const at::Tensor& x, const at::Te
                                                const at::Tensor& w2, at::IntArrayRef ends,
                                                int64_t rows, const Route* route, int64_t block) {
   const int64_t D = x.size(1), H2 = w13.size(2), H = H2 / 2, Do = w2.size(2);
-  auto y = at::empty({rows, Do}, x.options());
-  auto gate_up = at::empty({rows, H2}, x.options());
+  const auto y_tall = tall_rows(rows, Do, block, x.options());
+  const auto gate_up_tall = tall_rows(rows, H2, block, x.options());
+  auto y = y_tall.narrow(0, 0, rows), gate_up = gate_up_tall.narrow(0, 0, rows);
   const auto spans = spans_of(ends, rows);
   const int64_t done = spans.empty() ? 0 : spans.back().end;
   const auto runs = plan_for(spans, true, false, Cut(block));
   for_runs(runs, [&](int64_t r, const std::vector<Piece>& run) {
     if (run.empty()) return;
-    const int64_t most = most_rows(run, block), limit = write_limit(runs, r, rows);
+    const int64_t most = most_rows(run, block);
+    const int64_t limit = write_limit(runs, r, y_tall.size(0));
     // buffers are allocated, not touched, until a piece needs them
     auto h = at::empty({most, H}, x.options()), xg = at::empty({most, D}, x.options());
     auto gu_spare = at::empty({most, H2}, x.options());
@@ -232,7 +243,7 @@ std::tuple<at::Tensor, at::Tensor> ffn_forward(const at::Tensor& x, const at::Te
     for (const Piece& p : run) {
       const int64_t n = p.end - p.start, m = round_up(n, block);
       auto xs = piece_rows(x, route, p, m, done, xg);
-      auto gus = out_rows(gate_up, p, m, limit, gu_spare);
+      auto gus = out_rows(gate_up_tall, p, m, limit, gu_spare);
       at::mm_out(gus, xs, w13[p.group]);
       auto hs = h.narrow(0, 0, m);
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
@@ -241,7 +252,7 @@ std::tuple<at::Tensor, at::Tensor> ffn_forward(const at::Tensor& x, const at::Te
         scalar_t* hp = hs.data_ptr<scalar_t>();
         for (int64_t i = 0; i < n; ++i) gate_forward(gu + i * H2, gu + i * H2 + H, hp + i * H, H);
       });
-      auto ys = out_rows(y, p, m, limit, y_spare);
+      auto ys = out_rows(y_tall, p, m, limit, y_spare);
       at::mm_out(ys, hs, w2[p.group]);  // rows past n: thrown away (h's are stale there)
       place(gate_up, p, gus);
       place(y, p, ys);
@@ -291,7 +302,8 @@ Grads ffn_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor
   const bool need_gate = route != nullptr || need.x || need.w13;
   const bool need_h = route != nullptr || need.w2;
   auto none = [&] { return at::empty({0}, x.options()); };  // a gradient not asked for
-  Grads out{need.x ? at::empty({rows, D}, x.options()) : none(),
+  const auto gx_tall = need.x ? tall_rows(rows, D, block, x.options()) : none();
+  Grads out{need.x ? gx_tall.narrow(0, 0, rows) : none(),
             need.w13 ? at::empty_like(w13) : none(), need.w2 ? at::empty_like(w2) : none()};
   const auto spans = spans_of(ends, rows);
   const int64_t done = spans.empty() ? 0 : spans.back().end;
@@ -299,7 +311,8 @@ Grads ffn_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor
   std::vector<std::vector<Share>> shares(runs.size());
   for_runs(runs, [&](int64_t r, const std::vector<Piece>& run) {
     if (run.empty()) return;
-    const int64_t most = most_rows(run, block), limit = write_limit(runs, r, rows);
+    const int64_t most = most_rows(run, block);
+    const int64_t limit = write_limit(runs, r, need.x ? gx_tall.size(0) : rows);
     auto scratch = [&](int64_t width) { return at::empty({most, width}, x.options()); };
     auto ggu = scratch(H2);  // [grad_h, then grad_gate over it | grad_up]
     auto h = scratch(H), gg = scratch(Do), xg = scratch(D), gx_spare = scratch(D);
@@ -351,7 +364,7 @@ Grads ffn_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor
       }
       if (need.w2) weight_grad(t2, hs, gr, first);
       if (need.x) {
-        auto gxs = out_rows(out.x, p, m, limit, gx_spare);
+        auto gxs = out_rows(gx_tall, p, m, limit, gx_spare);
         at::mm_out(gxs, ggus, w13[g].t());
         place(out.x, p, gxs);
       }
