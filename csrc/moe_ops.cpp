@@ -71,7 +71,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sort_by_group_cpu(const at::Tenso
 //
 // out[row] = x[token] * w[slot] for the slot of each row (zeros for dropped and padding rows);
 // with `other`, also dots[slot] = <x[token], other[row]> from the same read of x[token] (the
-// weighted unpermute's backward: row and weight gradients in one pass).
+// weighted unpermute's backward: row and weight gradients in one pass). The token rows are read
+// in the routing's order: each is asked for kAhead rows before it is read (prefetch_row).
 template <typename scalar_t>
 void permute_kernel(const scalar_t* x, const int64_t* order, const float* w, scalar_t* out,
                     int64_t R, int64_t D, int64_t k, int64_t kept,
@@ -80,6 +81,10 @@ void permute_kernel(const scalar_t* x, const int64_t* order, const float* w, sca
 #pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
   for (int64_t row = 0; row < R; ++row) {
     scalar_t* dst = out + row * D;
+    if (row + rows::kAhead < R) {  // the token row read kAhead rows later (moe_rows_cpu.h)
+      const int64_t next = row_slot(order, kept, row + rows::kAhead);
+      if (next >= 0) rows::prefetch_row(x + token_of_slot(next, k) * D, D * sizeof(scalar_t));
+    }
     const int64_t slot = row_slot(order, kept, row);
     if (slot < 0) {
       std::memset(static_cast<void*>(dst), 0, D * sizeof(scalar_t));

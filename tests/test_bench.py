@@ -7,6 +7,7 @@ import torch
 
 from experiments.bench.maskloop import MaskLoopMoTLayer
 from experiments.bench.mot import interleaved_runs
+from moe import ops
 from moe.grouping import Grouping
 from mot.attention import build_mask
 from mot.config import ModelConfig
@@ -78,3 +79,23 @@ def test_rounds_reverse_their_order_every_other_round():
     assert calls == list("abc") + list("abc") + list("cba") + list("abc")
     assert {name: len(ts) for name, ts in times.items()} == {"a": 3, "b": 3, "c": 3}
     assert all(t >= 0 for ts in times.values() for t in ts)
+
+
+@pytest.mark.skipif(not ops.AVAILABLE, reason="moe._C was not built (needs a C++ compiler)")
+def test_ops_bench_takes_the_fastest_copy_as_its_floor(capsys):
+    from experiments.bench.ops import COPY_OFFSETS, copy_bandwidth, copy_variants, main
+
+    # the copies' destinations sit COPY_OFFSETS bytes apart, so their offsets from the source
+    # modulo 4 KB cover the page in 1 KB steps whatever the allocator gave
+    fns = copy_variants(mib=1)
+    assert list(fns) == [f"copy+{off}" for off in COPY_OFFSETS]
+    for fn in fns.values():
+        fn()
+    times = {"copy+0": [4.0, 2.0, 3.0], "copy+1024": [1.0, 1.0, 5.0], "kernel": [0.1]}
+    assert copy_bandwidth(times, mib=1) == 2 * 2 ** 20 / 1.0  # the fastest median, read + write
+    assert main(["--tokens", "4096", "--dim", "256", "--k", "2", "--groups", "4",
+                 "--repeats", "1"]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for dtype in ("float32", "bfloat16"):
+        assert last[dtype]["speedup_vs_reference"] > 0
+        assert last[dtype]["fraction_of_copy_bandwidth"] > 0

@@ -6,7 +6,12 @@ both against the memory-copy floor.
 The floor is the bytes the four passes must move (permute: read and write S rows; unpermute:
 read S rows, write N; permute's backward the same as unpermute; unpermute's backward, rows and
 weights' gradients in one pass: read S token rows and S expert rows, write S rows) divided by the
-bandwidth of a large `copy_` measured in the same run.
+bandwidth of a large `copy_` measured in the same run: the fastest of four copies whose source and
+destination sit 0, 1, 2 and 3 KB further apart modulo 4 KB. A `copy_` here runs up to 1.4x
+slower when its destination starts less than about 512 bytes past its source modulo 4 KB (loads
+stalled behind earlier stores to the same page offset: 4K aliasing), which two fresh tensors do or
+do not by chance; one copy alone moved the floor, and so the share of copy bandwidth, by that
+much from run to run.
 """
 
 from __future__ import annotations
@@ -14,11 +19,29 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from collections.abc import Callable
 
 import torch
 
 from experiments.bench import paired_ratio, time_rounds
 from moe import ops
+
+COPY_OFFSETS = (0, 1024, 2048, 3072)  # bytes between the copies' destinations, within 4 KB
+
+
+def copy_variants(mib: int = 64) -> dict[str, Callable[[], None]]:
+    """`copy_` of `mib` MiB of float32 into destinations COPY_OFFSETS bytes apart, one function
+    each (time them all; the fastest is the machine's copy bandwidth)."""
+    n = mib * 2 ** 20 // 4
+    src = torch.empty(n, dtype=torch.float32)
+    dst = torch.empty(n + COPY_OFFSETS[-1] // 4, dtype=torch.float32)
+    return {f"copy+{off}": (lambda o=off // 4: dst[o:o + n].copy_(src)) for off in COPY_OFFSETS}
+
+
+def copy_bandwidth(times: dict[str, list[float]], mib: int = 64) -> float:
+    """Bytes read and written per second by the fastest copy of `copy_variants` (median times)."""
+    fastest = min(statistics.median(ts) for name, ts in times.items() if name.startswith("copy+"))
+    return 2 * mib * 2 ** 20 / fastest
 
 
 def main(argv: list[str]) -> int:
@@ -47,8 +70,6 @@ def main(argv: list[str]) -> int:
         x = torch.randn(N, D, dtype=dtype, requires_grad=True)
         w = torch.rand(S, requires_grad=True)
         grad = torch.randn(N, D, dtype=dtype)
-        big = torch.empty(64 * 2 ** 20 // 4, dtype=torch.float32)
-        copy_dst = torch.empty_like(big)
 
         def run(permute, unpermute):
             def step():
@@ -60,11 +81,10 @@ def main(argv: list[str]) -> int:
         fns = {
             "kernel": run(torch.ops.moe_ops.permute_rows, torch.ops.moe_ops.unpermute_rows),
             "reference": run(ops.permute_rows_reference, ops.unpermute_rows_reference),
-            "copy": lambda: copy_dst.copy_(big),
-        }
+        } | copy_variants()
         rounds = time_rounds(fns, repeats=args.repeats)
         t = {n: statistics.median(v) for n, v in rounds.items()}
-        bandwidth = 2 * big.numel() * big.element_size() / t["copy"]  # bytes read + written / s
+        bandwidth = copy_bandwidth(rounds)
         rows_moved = 2 * S + (S + N) + 3 * S + (S + N)
         floor = rows_moved * D * x.element_size() / bandwidth
         r = {"speedup_vs_reference": round(paired_ratio(rounds, "reference", "kernel"), 2),
