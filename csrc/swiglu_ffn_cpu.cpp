@@ -40,8 +40,8 @@
 // groups' rows (else a thread's buffer holds the piece's rows and zeros), their results are
 // written where the same thread's later pieces overwrite them, or, for the last thread, into
 // block - 1 spare rows that the outputs' storage holds past their end (else into a buffer, whose
-// piece rows are copied out), and in the backward the element-wise pass gives zero rows there, so they
-// add nothing to the weight gradients. A thread's pieces of one group sum into its weight
+// piece rows are copied out), and in the backward the element-wise pass gives zero rows there,
+// so they add nothing to the weight gradients. A thread's pieces of one group sum into its weight
 // gradients in the output's dtype.
 //
 // The routed ops take the token rows and the dispatch's layout (moe_ops::sort_by_group: grouped

@@ -85,9 +85,7 @@ def test_rounds_reverse_their_order_every_other_round():
 def test_ops_bench_takes_the_fastest_copy_as_its_floor(capsys):
     from experiments.bench.ops import COPY_OFFSETS, copy_bandwidth, copy_variants, main
 
-    # the copies' destinations sit COPY_OFFSETS bytes apart, so their offsets from the source
-    # modulo 4 KB cover the page in 1 KB steps whatever the allocator gave
-    fns = copy_variants(mib=1)
+    fns = copy_variants(mib=1)  # one copy per destination offset, each runnable
     assert list(fns) == [f"copy+{off}" for off in COPY_OFFSETS]
     for fn in fns.values():
         fn()

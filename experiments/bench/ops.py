@@ -6,12 +6,12 @@ both against the memory-copy floor.
 The floor is the bytes the four passes must move (permute: read and write S rows; unpermute:
 read S rows, write N; permute's backward the same as unpermute; unpermute's backward, rows and
 weights' gradients in one pass: read S token rows and S expert rows, write S rows) divided by the
-bandwidth of a large `copy_` measured in the same run: the fastest of four copies whose source and
-destination sit 0, 1, 2 and 3 KB further apart modulo 4 KB. A `copy_` here runs up to 1.4x
-slower when its destination starts less than about 512 bytes past its source modulo 4 KB (loads
-stalled behind earlier stores to the same page offset: 4K aliasing), which two fresh tensors do or
-do not by chance; one copy alone moved the floor, and so the share of copy bandwidth, by that
-much from run to run.
+bandwidth of a large `copy_` of written memory measured in the same run: the fastest of four
+copies whose source and destination sit 0, 1, 2 and 3 KB further apart modulo 4 KB. A `copy_`
+here runs up to 1.4x slower when its destination starts less than about 512 bytes past its
+source modulo 4 KB (loads stalled behind earlier stores to the same page offset: 4K aliasing),
+which two fresh tensors do or do not by chance; one copy alone moved the floor, and so the share
+of copy bandwidth, by that much from run to run.
 """
 
 from __future__ import annotations
